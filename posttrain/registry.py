@@ -1,0 +1,185 @@
+"""The checkpoint registry: every model posttrain knows, with its lineage.
+
+Parts meet here: training registers what it writes, serving resolves names to folders (and
+adapters to their base), evaluation attaches scores, the arena lists what it can pit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import delete, select
+
+from posttrain.config import Settings, settings
+from posttrain.errors import PosttrainError
+from posttrain.store import Checkpoint, EvalRun, EvalScore, Store
+
+STAGES = ("pulled", "tiny", "base", "sft", "dpo", "grpo", "merge", "quantize", "distill")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The posttrain commit that produced a checkpoint (or the package version outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from posttrain import __version__
+
+    return f"v{__version__}"
+
+
+@dataclass(frozen=True)
+class Served:
+    """How to load a checkpoint: a full model folder, plus an adapter folder on top if any."""
+
+    base_path: str
+    adapter_path: str | None
+
+
+class Registry:
+    def __init__(self, cfg: Settings | None = None, store: Store | None = None):
+        self.settings = cfg or settings()
+        self.store = store or Store(self.settings.db_url)
+
+    def model_dir(self, name: str) -> Path:
+        """Where a new checkpoint called `name` should be written."""
+        _check_name(name)
+        return self.settings.models_dir / name
+
+    def add(
+        self,
+        name: str,
+        path: str | Path,
+        stage: str,
+        parent: str | None = None,
+        kind: str = "full",
+        recipe: dict[str, Any] | None = None,
+        datasets: Iterable[str | Path] = (),
+        replace: bool = False,
+    ) -> Checkpoint:
+        """Register a checkpoint folder; dataset files are hashed into its lineage and a model
+        card with the same facts is written next to the weights."""
+        _check_name(name)
+        if stage not in STAGES:
+            raise PosttrainError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+        if kind not in ("full", "adapter"):
+            raise PosttrainError(f"unknown kind {kind!r} (full or adapter)")
+        path = Path(path).absolute()
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise PosttrainError(f"{path}: not a Hugging Face model folder (no config.json)")
+        if parent is not None:
+            parent_row = self.get(parent)
+            if kind == "adapter" and parent_row.kind != "full":
+                raise PosttrainError(f"adapter {name}: its parent {parent} must be a full model")
+        elif kind == "adapter":
+            raise PosttrainError(f"adapter {name}: needs the parent it was trained on")
+        row = Checkpoint(
+            name=name, path=str(path), kind=kind, stage=stage, parent=parent,
+            recipe=recipe or {}, git_commit=git_commit(),
+            datasets=[{"path": str(Path(d).absolute()), "sha256": file_sha256(d)} for d in datasets],
+        )
+        with self.store.session() as s:
+            existing = s.scalar(select(Checkpoint).where(Checkpoint.name == name))
+            if existing is not None:
+                if not replace:
+                    raise PosttrainError(f"a model named {name!r} is already registered")
+                s.delete(existing)
+                s.flush()
+            s.add(row)
+        self.write_card(row)
+        return row
+
+    def find(self, name: str) -> Checkpoint | None:
+        with self.store.session() as s:
+            return s.scalar(select(Checkpoint).where(Checkpoint.name == name))
+
+    def get(self, name: str) -> Checkpoint:
+        row = self.find(name)
+        if row is None:
+            known = ", ".join(c.name for c in self.list()) or "none registered yet"
+            raise PosttrainError(f"unknown model {name!r} (known: {known})")
+        return row
+
+    def list(self) -> list[Checkpoint]:
+        return self.store.all(Checkpoint, order_by=Checkpoint.created_at)
+
+    def remove(self, name: str, delete_files: bool = False) -> Checkpoint:
+        row = self.get(name)
+        children = [c.name for c in self.list() if c.parent == name]
+        if children:
+            raise PosttrainError(f"cannot remove {name}: {', '.join(children)} derive from it")
+        with self.store.session() as s:
+            s.execute(delete(Checkpoint).where(Checkpoint.name == name))
+        if delete_files and Path(row.path).is_relative_to(self.settings.models_dir):
+            shutil.rmtree(row.path, ignore_errors=True)
+        return row
+
+    def lineage(self, name: str) -> list[Checkpoint]:
+        """The checkpoint and its ancestors, newest first."""
+        chain = [self.get(name)]
+        while chain[-1].parent is not None:
+            chain.append(self.get(chain[-1].parent))
+        return chain
+
+    def served(self, name: str) -> Served:
+        row = self.get(name)
+        if row.kind == "adapter":
+            return Served(base_path=self.get(row.parent).path, adapter_path=row.path)
+        return Served(base_path=row.path, adapter_path=None)
+
+    def latest_scores(self, name: str) -> list[EvalScore]:
+        """The newest score per (task, metric) for a model."""
+        with self.store.session() as s:
+            rows = s.scalars(
+                select(EvalScore).join(EvalRun, EvalRun.id == EvalScore.run_id)
+                .where(EvalScore.model == name, EvalRun.status == "done")
+                .order_by(EvalScore.created_at.desc(), EvalScore.id.desc())
+            )
+            latest: dict[tuple[str, str], EvalScore] = {}
+            for row in rows:
+                latest.setdefault((row.task, row.metric), row)
+            return list(latest.values())
+
+    def write_card(self, row: Checkpoint) -> None:
+        chain = " <- ".join(c.name for c in self.lineage(row.name))
+        data = "\n".join(f"- `{d['path']}` sha256 `{d['sha256']}`" for d in row.datasets) or "- none"
+        card = (
+            f"---\nlibrary_name: {'peft' if row.kind == 'adapter' else 'transformers'}\n"
+            f"tags: [posttrain, {row.stage}]\n---\n\n# {row.name}\n\n"
+            f"Produced by posttrain (commit `{row.git_commit}`), stage **{row.stage}**, "
+            f"{row.kind} checkpoint, created {row.created_at:%Y-%m-%d %H:%M} UTC.\n\n"
+            f"## Lineage\n\n{chain}\n\n## Data\n\n{data}\n\n"
+            f"## Recipe\n\n```yaml\n{_yaml(row.recipe)}```\n"
+        )
+        (Path(row.path) / "README.md").write_text(card)
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False) if data else "{}\n"
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise PosttrainError(f"invalid model name {name!r}: use letters, digits, '-', '_' and '.'")

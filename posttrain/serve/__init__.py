@@ -1,0 +1,1 @@
+"""vLLM engines for registered checkpoints behind one OpenAI-compatible front door."""

@@ -1,0 +1,1 @@
+"""Post-training on TRL + PEFT: SFT, DPO, GRPO, merge, quantize; every output registered."""

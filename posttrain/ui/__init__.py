@@ -1,0 +1,1 @@
+"""The Gradio arena: anonymous battles, votes, ratings, and DPO data from the votes."""
