@@ -27,6 +27,13 @@ app = typer.Typer(
 models_app = typer.Typer(help="The checkpoint registry: list, inspect, add, remove, provision.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
+from posttrain.ui.cli import app as arena_app, votes_app  # noqa: E402
+
+app.add_typer(arena_app, name="arena")
+app.add_typer(votes_app, name="votes")
+from posttrain.serve.cli import app as serve_app  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
 
 # Programs and CI logs read tables too: don't squeeze them into an 80-column guess.
 console = Console(width=None if sys.stdout.isatty() else 200)

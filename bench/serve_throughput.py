@@ -1,0 +1,117 @@
+"""Serving throughput on the default model (SmolLM2-135M-Instruct): the same chat prompts through
+(a) posttrain's front door, (b) the vLLM engine behind it, directly, and (c) plain transformers
+`generate` in-process. Prints output tokens/s of each and the ratios a/b (the front door's
+overhead; goal >= 0.95) and b/c (what vLLM buys over a naive server).
+
+The load generator runs in its own process, so (a) and (b) pay the same client cost and the
+front door never shares a GIL with it; (a) and (b) alternate over several rounds (best of each)
+because the machine is shared and noisy.
+
+    python bench/serve_throughput.py [--requests 32] [--max-tokens 64] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOPICS = ["the sea", "a lighthouse", "bread", "a fox", "winter", "trains", "a library", "the moon",
+          "rain", "a garden", "bicycles", "a volcano", "tea", "owls", "a market", "snow"]
+
+
+def prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]} ({i})."}]
+            for i in range(n)]
+
+
+def load(base_url: str, model: str, conversations: list, max_tokens: int, concurrency: int) -> tuple[int, float]:
+    """Run in a child process: all requests, `concurrency` at a time; (output tokens, seconds)."""
+    import openai
+
+    async def run() -> tuple[int, float]:
+        gate = asyncio.Semaphore(concurrency)
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="none") as client:
+
+            async def one(messages) -> int:
+                async with gate:
+                    reply = await client.chat.completions.create(
+                        model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                        extra_body={"ignore_eos": True},  # every request generates exactly max_tokens
+                    )
+                    return reply.usage.completion_tokens
+
+            start = time.perf_counter()
+            tokens = await asyncio.gather(*(one(m) for m in conversations))
+            return sum(tokens), time.perf_counter() - start
+
+    return asyncio.run(run())
+
+
+def transformers_throughput(path: str, conversations: list, max_tokens: int, batch: int, dtype: str) -> tuple[int, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    tokens, start = 0, time.perf_counter()
+    for i in range(0, len(conversations), batch):
+        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                 for m in conversations[i:i + batch]]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return tokens, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating (b, a) rounds; best of each")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="for the engine and for transformers alike")
+    args = parser.parse_args()
+
+    from posttrain.models import pull_default
+    from posttrain.registry import Registry
+    from posttrain.serve.app import start_front_door
+
+    registry = Registry()
+    row = pull_default(registry)
+    conversations = prompts(args.requests)
+    work = (conversations, args.max_tokens, args.concurrency)
+    best: dict[str, float] = {}
+    with start_front_door([row.name], registry=registry, dtype=args.dtype) as door, ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")
+    ) as client:
+        engine = door.engine(row.name)
+        urls = {"b": engine.url + "/v1", "a": door.base_url}
+        client.submit(load, urls["a"], row.name, conversations[:8], 8, 8).result()  # warm-up
+        for r in range(args.rounds):
+            for key in ("b", "a"):
+                tokens, seconds = client.submit(load, urls[key], row.name, *work).result()
+                best[key] = max(best.get(key, 0.0), tokens / seconds)
+                print(f"round {r + 1} ({key}) {tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s",
+                      flush=True)
+    # (c) after the engine is gone, so transformers gets both cores as a plain server would.
+    tokens, seconds = transformers_throughput(row.path, conversations, args.max_tokens, args.concurrency, args.dtype)
+    best["c"] = tokens / seconds
+    print(f"\n{row.name}: {args.requests} requests x {args.max_tokens} output tokens, "
+          f"{args.concurrency} concurrent, {args.dtype}")
+    print(f"(a) front door          {best['a']:8.1f} tokens/s")
+    print(f"(b) vLLM directly       {best['b']:8.1f} tokens/s")
+    print(f"(c) transformers        {best['c']:8.1f} tokens/s  (generate, batches of {args.concurrency})")
+    print(f"a/b = {best['a'] / best['b']:.3f}   (goal >= 0.95)")
+    print(f"b/c = {best['b'] / best['c']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

