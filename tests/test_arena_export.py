@@ -11,8 +11,9 @@ from datetime import datetime
 
 import pytest
 
+from posttrain.files import write_jsonl
 from posttrain.store import Battle, Store
-from posttrain.ui.export import export_votes, write_jsonl
+from posttrain.ui.export import export_votes
 from posttrain.ui.votes import load_battles, record_vote
 
 

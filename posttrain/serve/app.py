@@ -354,9 +354,7 @@ def serve(models: list[str], port: int = 8000, host: str = "127.0.0.1", api_keys
     """Serve `models` until Ctrl-C or SIGTERM; the engines stop with the front door. API keys
     are `api_keys` plus those in POSTTRAIN_API_KEY."""
     keys = list(dict.fromkeys([*api_keys, *api_keys_from_env()]))
-    # uvicorn re-raises the SIGTERM it caught once it has stopped; without a handler of ours that
-    # would kill the process before the `finally` below stops the engines.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    stop_on_sigterm()
     door = _prepare(models, host, port, keys, log_requests, registry, max_model_len, dtype, ready_timeout=900)
     try:
         print(f"posttrain: serving {', '.join(door.models)} at {door.base_url}"
@@ -365,6 +363,13 @@ def serve(models: list[str], port: int = 8000, host: str = "127.0.0.1", api_keys
         door.server.run(sockets=[door.sock])  # handles SIGINT/SIGTERM itself
     finally:
         door.stop()
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the engines. (uvicorn re-raises the
+    SIGTERM it caught once it has stopped; without a handler of ours that would kill the process
+    before its engines are stopped.)"""
+    signal.signal(signal.SIGTERM, _exit_cleanly)
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -12,8 +12,6 @@ histories differ the prompt is the winner's (meta.shared_history is false then).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from posttrain.errors import PosttrainError
+from posttrain.files import write_jsonl
 from posttrain.store import Store
 from posttrain.ui.votes import load_battles
 
@@ -48,27 +47,6 @@ class ExportSummary:
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"dropped {n} {reason}")
         return "\n".join(lines)
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write rows to a temp file next to `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise PosttrainError(f"cannot write {path}: {exc.strerror}") from None
-    n = 0
-    try:
-        with os.fdopen(fd, "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return n
 
 
 def _split(conversation: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str] | None:

