@@ -246,7 +246,7 @@ class Pipeline:
 
         with start_front_door([start], registry=self.registry) as door:
             reply = openai.OpenAI(base_url=door.base_url, api_key=door.api_key or "none").chat.completions.create(
-                model=start, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16)
+                model=start, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0)
         print(f"  {start} answers: {reply.choices[0].message.content!r}", flush=True)
         self.registry.enter_arena(start)
         return start

@@ -196,7 +196,11 @@ def prepare(recipe: TrainRecipe, method: Method, registry: Registry | None = Non
                              f"--resume to continue it, or delete that folder to start over")
     if previous is not None:
         print(f"resuming {output} from {previous}", flush=True)
-    start = start_checkpoint(registry, recipe.model)
+    from accelerate import PartialState
+
+    # Under `accelerate launch` the main process provisions or merges the start; the others then find it.
+    with PartialState().main_process_first():
+        start = start_checkpoint(registry, recipe.model)
     tokenizer = load_tokenizer(start.path)
     return Prepared(registry=registry, start=start, output=output, run_dir=run_dir, data=data, tokenizer=tokenizer,
                     model=load_model(start.path, recipe), peft_config=peft_config(recipe),

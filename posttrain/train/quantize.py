@@ -1,6 +1,6 @@
 """Post-training quantization with llm-compressor, to compressed-tensors checkpoints vLLM loads.
 
-    w8a8-int8    int8 weights + dynamic int8 activations (SmoothQuant + GPTQ): runs on vLLM's CPU
+    w8a8-int8    int8 weights (GPTQ) + dynamic per-token int8 activations: runs on vLLM's CPU
                  build and on GPUs
     w8a16        int8 weights, round-to-nearest
     w4a16-gptq   4-bit GPTQ weights: GPU serving (Marlin kernels)
