@@ -1,12 +1,12 @@
-# posttrain appliance: `posttrain up` (the default model behind the OpenAI front door, port 8000).
+# posttrain appliance: `posttrain up` (the OpenAI front door on port 8000, the arena on 7860).
 # Written and reviewed, not built here (no Docker engine on the development machine); every
 # command below is one the README documents ("Serving" -> "Docker / CUDA").
 #
 #   GPU (default):  docker build -t posttrain .
-#                   docker run --gpus all -p 8000:8000 -v posttrain-data:/data posttrain
+#                   docker run --gpus all -p 8000:8000 -p 7860:7860 -v posttrain-data:/data posttrain
 #   CPU:            docker build --build-arg BASE=ubuntu:24.04 --build-arg ENGINE=cpu \
 #                     --build-arg TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" -t posttrain:cpu .
-#                   docker run -p 8000:8000 -v posttrain-data:/data posttrain:cpu
+#                   docker run -p 8000:8000 -p 7860:7860 -v posttrain-data:/data posttrain:cpu
 ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${BASE}
 
@@ -30,5 +30,5 @@ ENV PATH=/app/.venv/bin:$PATH \
     POSTTRAIN_PORT=8000 \
     HF_HUB_OFFLINE=1
 VOLUME /data
-EXPOSE 8000
+EXPOSE 8000 7860
 CMD ["posttrain", "up"]

@@ -16,6 +16,7 @@ checkpoint). A turn with no new votes changes nothing.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -83,7 +84,7 @@ def loop(recipe: LoopRecipe, registry: Registry | None = None, say: Callable[[st
     from posttrain.serve.app import start_front_door
     from posttrain.train.base import last_checkpoint, start_checkpoint
     from posttrain.train.dpo import train_dpo
-    from posttrain.train.merge import merge
+    from posttrain.train.merge import MERGED_SUFFIX, merge
     from posttrain.ui.export import export_votes
 
     registry = registry or Registry()
@@ -106,7 +107,10 @@ def loop(recipe: LoopRecipe, registry: Registry | None = None, say: Callable[[st
     champion = start_checkpoint(registry, turn.state.get("dpo", {}).get("champion", recipe.base))
     if champion.name != recipe.base and "dpo" not in turn.state:
         say(f"the champion {recipe.base} is an adapter: its merged form {champion.name} stands in for it")
-    candidate = f"{champion.name}-loop{turn.number}"
+    # Named after the lineage's root, not the champion's merged name, so names stay short over turns:
+    # sft -> sft-loop1 (-merged) -> sft-loop2 (-merged) ...
+    root_name = re.sub(rf"(-loop\d+)?{MERGED_SUFFIX}$", "", recipe.base)
+    candidate = turn.state.get("dpo", {}).get("candidate", f"{root_name}-loop{turn.number}")
 
     if "dpo" not in turn.state:
         dpo = recipe.dpo.model_copy(update={"model": champion.name, "output": candidate,
@@ -118,7 +122,7 @@ def loop(recipe: LoopRecipe, registry: Registry | None = None, say: Callable[[st
             train_dpo(dpo, registry, resume=resume)
         turn.record("dpo", champion=champion.name, candidate=candidate)
 
-    merged = f"{candidate}-merged"
+    merged = f"{candidate}{MERGED_SUFFIX}"
     if "merge" not in turn.state:
         if registry.find(merged) is None:
             merge(candidate, merged, registry)

@@ -30,12 +30,14 @@ def score(run_id, value, stderr=None, model="m", task="t", metric="acc", higher=
             "higher_is_better": higher}
 
 
-def test_a_regression_is_a_drop_beyond_threshold_standard_errors_or_the_absolute_fallback():
+def test_a_regression_is_a_drop_beyond_threshold_standard_errors_binomial_or_absolute():
     history = [
         score(1, 0.60, 0.02), score(2, 0.50, 0.02),  # -0.10 > 2 * sqrt(2) * 0.02: flagged
         score(1, 0.60, 0.02, metric="acc_norm"), score(2, 0.56, 0.02, metric="acc_norm"),  # -0.04: noise
         score(1, 10.0, 0.5, metric="perplexity", higher=False), score(2, 12.0, 0.5, metric="perplexity", higher=False),
-        score(1, 0.50, task="nostderr"), score(2, 0.47, task="nostderr"),  # -0.03 > 0.02 absolute
+        score(1, 0.50, task="nostderr"), score(2, 0.30, task="nostderr"),  # -0.20 > 2 x binomial 0.0678
+        score(1, 0.50, task="nostderr", metric="inst"), score(2, 0.45, task="nostderr", metric="inst"),  # noise
+        score(1, 12.0, task="nostderr", metric="words"), score(2, 11.9, task="nostderr", metric="words"),  # > 0.02
         score(1, 6.0, task="mt_bench", metric="score"), score(2, 5.7, task="mt_bench", metric="score"),  # < 0.5
         score(1, 0.40, 0.02), score(1, 0.40, 0.02, metric="acc_norm"),  # nothing else for the baseline...
     ]
@@ -45,7 +47,7 @@ def test_a_regression_is_a_drop_beyond_threshold_standard_errors_or_the_absolute
     rows, regressions = compare(history, config, ["m"])
     flagged = {(r.task, r.metric, r.against) for r in regressions}
     assert flagged == {("t", "acc", "previous run #1"), ("t", "perplexity", "previous run #1"),
-                       ("nostderr", "acc", "previous run #1")}
+                       ("nostderr", "acc", "previous run #1"), ("nostderr", "words", "previous run #1")}
     acc = next(r for r in rows if (r["task"], r["metric"]) == ("t", "acc"))
     assert acc["previous"]["value"] == 0.60 and acc["baseline"]["value"] == 0.40 and acc["regressed"] == ["previous"]
     assert "2 x stderr 0.0283" in str(next(r for r in regressions if r.metric == "acc" and r.task == "t"))
@@ -97,6 +99,7 @@ def nights(registry, tiny, tmp_path_factory):
         "mt_bench": [
             {"name": "nightly-mt", "judge_model": JUDGE, "max_tokens": 16},
             {"name": "nightly-pair", "judge_model": JUDGE, "mode": "pairwise", "baseline": lora.name, "max_tokens": 16},
+            {"name": "nightly-unjudged", "judge_model": JUDGE, "limit": 1, "max_tokens": 16},  # question 1: unparsable
         ],
     }))
     config = NightlyConfig.load(config_path)
@@ -120,6 +123,10 @@ def nights(registry, tiny, tmp_path_factory):
 def test_two_nights_show_deltas_against_the_previous_run_and_the_baseline(nights, tiny):
     first, second = nights["first"], nights["second"]
     assert not first.failures and not second.failures
+    # A suite whose judge parsed nothing is no failure, but the report says so instead of going quiet.
+    assert first.unscored == [f"{model} [nightly-unjudged]: judge {JUDGE} gave no parsable verdict "
+                              "(2 unparsable, 0 errors of 2 judgments)" for model in (tiny.name, nights["lora"].name)]
+    assert f"NO SCORE {first.unscored[0]}" in first.markdown
     assert first.html_path.exists() and second.html_path.exists()
     # Night 1: no previous run; the baseline (the LoRA, evaluated in-process with peft) was run too.
     bench = [r for r in first.rows if r["suite"] == "nightly-bench"]

@@ -44,9 +44,10 @@ def _delta(row: dict[str, Any], kind: str) -> tuple[str, bool]:
 def _summary_lines(report: NightlyReport) -> list[str]:
     cfg = report.config
     lines = [f"{len(report.regressions)} regression(s) beyond {cfg.threshold:g} x stderr "
-             f"(absolute {cfg.absolute_threshold:g} where no stderr is known)"]
+             f"(no stderr known: binomial for proportions, else absolute {cfg.absolute_threshold:g})"]
     lines += [f"REGRESSION {r}" for r in report.regressions]
     lines += [f"FAILED {f}" for f in report.failures]
+    lines += [f"NO SCORE {u}" for u in report.unscored]
     return lines
 
 

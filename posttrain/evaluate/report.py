@@ -3,9 +3,10 @@ every score with the previous run of the same model and suite and with a pinned 
 flag regressions, so cron or CI can alert on a non-zero exit.
 
 A regression is a drop (a rise, for lower-is-better metrics) larger than `threshold` standard
-errors of the difference, sqrt(se_now^2 + se_then^2); where no stderr is known it is a drop larger
-than an absolute threshold in the metric's own units (`absolute_threshold`, per task in
-`absolute_thresholds`).
+errors of the difference, sqrt(se_now^2 + se_then^2). Where lm-eval reports no stderr (IFEval's
+inst_level_acc, for one), a task's own `absolute_thresholds` entry decides; else a proportion
+with a known n gets the binomial stderr sqrt(p(1-p)/n), because a fixed absolute threshold would
+flag one flipped sample of a small suite; else `absolute_threshold`, in the metric's own units.
 
 The suite name is the unit of comparison: runs of one suite share tasks and settings, so change
 a suite's settings under a new name. Configuration is a YAML recipe (`recipes/nightly.yaml`);
@@ -112,6 +113,7 @@ class NightlyReport:
     history: list[dict[str, Any]]
     regressions: list[Regression]
     failures: list[str]
+    unscored: list[str] = field(default_factory=list)  # evaluations that ran but produced no score
     arena: dict[str, Any] = field(default_factory=dict)  # source label -> leaderboard DataFrame
     created_at: datetime = field(default_factory=utcnow)
     html_path: Path | None = None
@@ -135,15 +137,16 @@ def _check_config(registry: Registry, config: NightlyConfig, run: bool) -> None:
                 registry.get(suite.baseline)
 
 
-def run_suites(config: NightlyConfig, models: list[str], registry: Registry) -> list[str]:
+def run_suites(config: NightlyConfig, models: list[str], registry: Registry) -> tuple[list[str], list[str]]:
     """Evaluate every model (and the baseline, the first time) on every suite; a failing
-    evaluation is reported and the others still run. Returns the failures."""
+    evaluation is reported and the others still run. Returns the failures and the evaluations
+    that ran but scored nothing (a judge whose every verdict was unparsable)."""
     from posttrain.evaluate.bench import run_bench
     from posttrain.evaluate.mt_bench import run_mt_bench
 
     api_key = first_key("POSTTRAIN_API_KEY")
     evaluated = {(r["model"], r["suite"]) for r in score_history(registry.store, [config.baseline] if config.baseline else [])}
-    failures = []
+    failures, unscored = [], []
     for suite in config.suites:
         baseline = [config.baseline] if config.baseline and (config.baseline, suite.name) not in evaluated else []
         # A baseline is only comparable on the same suite: run it there once.
@@ -156,15 +159,19 @@ def run_suites(config: NightlyConfig, models: list[str], registry: Registry) -> 
                               limit=suite.limit, num_fewshot=suite.num_fewshot, max_gen_toks=suite.max_gen_toks,
                               data_dir=suite.data_dir, suite=suite.name, registry=registry)
                 else:
-                    run_mt_bench(model, judge_model=suite.judge_model, base_url=config.base_url,
-                                 judge_base_url=suite.judge_base_url, api_key=api_key, mode=suite.mode,
-                                 baseline=suite.baseline, question_file=suite.question_file,
-                                 judge_prompts=suite.judge_prompts, limit=suite.limit, max_tokens=suite.max_tokens,
-                                 judge_max_tokens=suite.judge_max_tokens, parallel=suite.parallel, suite=suite.name,
-                                 registry=registry)
+                    result = run_mt_bench(
+                        model, judge_model=suite.judge_model, base_url=config.base_url,
+                        judge_base_url=suite.judge_base_url, api_key=api_key, mode=suite.mode, baseline=suite.baseline,
+                        question_file=suite.question_file, judge_prompts=suite.judge_prompts, limit=suite.limit,
+                        max_tokens=suite.max_tokens, judge_max_tokens=suite.judge_max_tokens, parallel=suite.parallel,
+                        suite=suite.name, registry=registry)
+                    if not result.scores:
+                        unscored.append(f"{model} [{suite.name}]: judge {suite.judge_model} gave no parsable verdict "
+                                        f"({result.unparsable} unparsable, {result.errors} errors of "
+                                        f"{result.judgments} judgments)")
             except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others' results
                 failures.append(f"{model} [{suite.name}]: {type(exc).__name__}: {exc}")
-    return failures
+    return failures, unscored
 
 
 def compare(history: list[dict[str, Any]], config: NightlyConfig, models: list[str]) -> tuple[list[dict], list[Regression]]:
@@ -205,8 +212,17 @@ def _regressed(now: dict[str, Any], then: dict[str, Any], config: NightlyConfig)
     if errors:
         se = math.sqrt(sum(e * e for e in errors))
         return f"{config.threshold:g} x stderr {se:.4f}" if drop > config.threshold * se else None
+    if now["task"] not in config.absolute_thresholds and _binomial(now) is not None and _binomial(then) is not None:
+        se = math.sqrt(_binomial(now) ** 2 + _binomial(then) ** 2)
+        return f"{config.threshold:g} x binomial stderr {se:.4f}" if drop > config.threshold * se else None
     limit = config.absolute_thresholds.get(now["task"], config.absolute_threshold)
     return f"absolute threshold {limit:g} (no stderr)" if drop > limit else None
+
+
+def _binomial(score: dict[str, Any]) -> float | None:
+    """The standard error of a proportion measured on n samples; None for other numbers."""
+    p, n = score["value"], score.get("n")
+    return math.sqrt(p * (1 - p) / n) if n and 0 <= p <= 1 else None
 
 
 def arena_ratings(registry: Registry, source: str) -> dict[str, Any]:
@@ -235,12 +251,12 @@ def nightly(config: NightlyConfig, *, run: bool = True, registry: Registry | Non
 
     registry = registry or Registry()
     _check_config(registry, config, run)
-    models, failures = list(config.models), []
+    models, failures, unscored = list(config.models), [], []
     if run:
         models = models or [c.name for c in registry.list()]
         if not models:
             raise PosttrainError("no models to evaluate: none registered (`posttrain models pull-default`)")
-        failures = run_suites(config, models, registry)
+        failures, unscored = run_suites(config, models, registry)
     stored = score_history(registry.store)
     models = models or list(dict.fromkeys(h["model"] for h in stored))
     # --no-run with no suites configured reports every stored suite.
@@ -250,7 +266,7 @@ def nightly(config: NightlyConfig, *, run: bool = True, registry: Registry | Non
     keep = set(models) | ({config.baseline} if config.baseline else set())
     history = [h for h in stored if h["model"] in keep]
     rows, regressions = compare(history, config, models)
-    report = NightlyReport(config=config, rows=rows, history=history, regressions=regressions, failures=failures,
+    report = NightlyReport(config=config, rows=rows, history=history, regressions=regressions, failures=failures, unscored=unscored,
                            arena=arena_ratings(registry, config.arena_source))
     report.markdown = render_markdown(report)
     target = Path(out or config.out or registry.settings.home / "reports" / f"nightly-{report.created_at:%Y-%m-%d}.html")
