@@ -13,6 +13,17 @@ from typing import Any, Iterable, Iterator, TextIO
 from posttrain.errors import PosttrainError
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# mkstemp makes its file private (0600) and the rename keeps that; the finished file gets the
+# mode a plain open() would give it (read once at import: os.umask can only be read by setting it).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[TextIO]:
     """A text file to write `path` through; it replaces `path` only if the block completes."""
@@ -25,6 +36,7 @@ def atomic_open(path: str | Path) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -66,6 +66,13 @@ def test_dpo_export_keeps_winners_and_says_what_it_dropped(store, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_an_atomic_write_gets_the_mode_a_plain_write_would(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_jsonl(tmp_path / "prefs.jsonl", [{"a": 1}])
+    assert (tmp_path / "prefs.jsonl").stat().st_mode == plain.stat().st_mode
+
+
 def test_a_failed_export_leaves_the_old_file_whole(tmp_path):
     out = tmp_path / "prefs.jsonl"
     out.write_text('{"old": 1}\n')
