@@ -58,7 +58,9 @@ def trl_run(model_path: str, data_path: str, steps: int) -> tuple[float, float]:
         args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=s["batch_size"],
                          learning_rate=s["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0.03,
                          max_length=s["max_length"], assistant_only_loss=True, logging_steps=1, save_steps=50,
-                         report_to="none", use_cpu=True, seed=42, data_seed=42)
+                         report_to="none", use_cpu=True, seed=42, data_seed=42,
+                         # TRL turns it on by default; posttrain's recipes leave it off unless asked.
+                         gradient_checkpointing=False)
         peft = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                           target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft)
