@@ -1,9 +1,10 @@
 """Training throughput on the default model (SmolLM2-135M-Instruct): LoRA SFT on the built-in
 chat sample through (a) `posttrain train sft` (its Python function: recipe, data checks,
 metrics/TensorBoard callbacks, checkpointing, registration) and (b) a plain TRL script with the
-same settings, then (c) posttrain with packing. Prints training tokens/s (TRL's token count over
-the trainer's own runtime, model loading excluded) and the ratios a/b (posttrain's overhead;
-goal >= 0.95) and c/a (what packing buys).
+same settings (fp32, no gradient checkpointing: TRL's config defaults differ), then (c) posttrain
+with packing and (d) posttrain in bf16 mixed precision. Prints training tokens/s (TRL's token
+count over the trainer's own runtime, model loading excluded) and the ratios a/b (posttrain's
+overhead; goal >= 0.95), c/a (what packing buys) and d/a (what bf16 autocast buys on this CPU).
 
 Each run is a fresh process (same imports, same threads); (a) and (b) alternate over rounds and
 the best of each counts, because the machine is shared and noisy.
@@ -25,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SETTINGS = dict(batch_size=4, learning_rate=2e-4, max_length=1024, lora_r=16, lora_alpha=32, lora_dropout=0.05)
 
 
-def posttrain_run(home: str, steps: int, packing: bool, tag: str) -> tuple[float, float]:
+def posttrain_run(home: str, steps: int, tag: str, *overrides: str) -> tuple[float, float]:
     os.environ["POSTTRAIN_HOME"] = home
     from posttrain.registry import Registry
     from posttrain.train.sft import SFTRecipe, train_sft
@@ -34,7 +35,7 @@ def posttrain_run(home: str, steps: int, packing: bool, tag: str) -> tuple[float
     recipe = SFTRecipe.load(None, [
         f"output=bench-{tag}", f"training.max_steps={steps}", f"training.batch_size={s['batch_size']}",
         f"training.learning_rate={s['learning_rate']}", f"max_length={s['max_length']}", f"lora.r={s['lora_r']}",
-        f"lora.alpha={s['lora_alpha']}", f"lora.dropout={s['lora_dropout']}", f"packing={str(packing).lower()}"])
+        f"lora.alpha={s['lora_alpha']}", f"lora.dropout={s['lora_dropout']}", *overrides])
     registry = Registry()
     row = train_sft(recipe, registry)
     logged = [json.loads(line) for line in (registry.settings.runs_dir / row.name / "metrics.jsonl").open()]
@@ -59,8 +60,8 @@ def trl_run(model_path: str, data_path: str, steps: int) -> tuple[float, float]:
                          learning_rate=s["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0.03,
                          max_length=s["max_length"], assistant_only_loss=True, logging_steps=1, save_steps=50,
                          report_to="none", use_cpu=True, seed=42, data_seed=42,
-                         # TRL turns it on by default; posttrain's recipes leave it off unless asked.
-                         gradient_checkpointing=False)
+                         # TRL's defaults turn both on; posttrain's recipes leave them off on a CPU.
+                         gradient_checkpointing=False, bf16=False)
         peft = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                           target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft)
@@ -93,15 +94,18 @@ def main() -> None:
 
     for r in range(args.rounds):
         measure("b", trl_run, model.path, str(builtin_dir() / "chat.jsonl"), args.steps)
-        measure("a", posttrain_run, home, args.steps, False, f"a{r}")
-    measure("c", posttrain_run, home, args.steps, True, "c")
+        measure("a", posttrain_run, home, args.steps, f"a{r}")
+    measure("c", posttrain_run, home, args.steps, "c", "packing=true")
+    measure("d", posttrain_run, home, args.steps, "d", "training.precision=bf16")
     print(f"\n{model.name}: LoRA r={SETTINGS['lora_r']} all-linear SFT, {args.steps} steps x batch "
           f"{SETTINGS['batch_size']}, fp32, built-in chat sample")
     print(f"(a) posttrain train sft       {best['a']:8.1f} tokens/s")
     print(f"(b) plain TRL script          {best['b']:8.1f} tokens/s")
     print(f"(c) posttrain, packing on     {best['c']:8.1f} tokens/s")
+    print(f"(d) posttrain, bf16 autocast  {best['d']:8.1f} tokens/s")
     print(f"a/b = {best['a'] / best['b']:.3f}   (goal >= 0.95)")
     print(f"c/a = {best['c'] / best['a']:.2f}x  (packing)")
+    print(f"d/a = {best['d'] / best['a']:.2f}x  (bf16 mixed precision)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import PosttrainError
-from posttrain.train.base import prepare
+from posttrain.train.base import finish, prepare
 from posttrain.train.dpo import DPORecipe, train_dpo
 from posttrain.train.grpo import GRPORecipe, train_grpo
 from posttrain.train.merge import merge
@@ -79,6 +79,20 @@ def test_sft_full_fine_tuning_with_packing_registers_a_full_checkpoint(registry,
     row = train_sft(recipe(SFTRecipe, "output=tiny-sft-full", "method=full", "packing=true"), registry)
     assert (row.stage, row.kind) == ("sft", "full")
     assert (Path(row.path) / "model.safetensors").exists() and (Path(row.path) / "chat_template.jinja").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU's mixed precision")
+def test_bf16_on_a_cpu_trains_with_autocast_over_fp32_weights(registry, tiny):
+    import torch
+
+    bf16 = recipe(SFTRecipe, "output=tiny-sft-bf16", "training.precision=bf16")
+    prepared = prepare(bf16, "sft", registry)
+    assert {p.dtype for p in prepared.model.parameters()} == {torch.float32}
+    trainer = sft_trainer(bf16, prepared)
+    assert trainer.args.bf16
+    assert finish(trainer, prepared, bf16, stage="sft").kind == "adapter"
+    with pytest.raises(PosttrainError, match="fp16 needs a GPU"):
+        prepare(recipe(SFTRecipe, "output=tiny-sft-fp16", "training.precision=fp16"), "sft", registry)
 
 
 def test_thinking_fusion_recipe_runs(registry, tiny):
