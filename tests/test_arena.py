@@ -204,8 +204,9 @@ def test_rate_limit_per_session(tmp_path):
 
 @pytest.mark.slow
 def test_voting_opens_only_when_both_replies_are_complete(front_door, tmp_path):
-    # In-process, so the vote provably lands mid-stream (through HTTP that would be a race).
-    arena = Arena(ArenaConfig(base_url=front_door.base_url, api_key=front_door.api_key, max_tokens=16),
+    # In-process, so the vote provably lands mid-stream (through HTTP that would be a race). Long
+    # replies: 16 tokens of the tiny model could arrive in one read, i.e. one UI update.
+    arena = Arena(ArenaConfig(base_url=front_door.base_url, api_key=front_door.api_key, max_tokens=256),
                   Store(f"sqlite:///{tmp_path / 'db.sqlite'}"))
     chat = new_session()["arena"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import PosttrainError
-from posttrain.train.base import finish, prepare
+from posttrain.train.base import finish, has_cuda, prepare
 from posttrain.train.dpo import DPORecipe, train_dpo
 from posttrain.train.grpo import GRPORecipe, train_grpo
 from posttrain.train.merge import merge
@@ -81,7 +81,7 @@ def test_sft_full_fine_tuning_with_packing_registers_a_full_checkpoint(registry,
     assert (Path(row.path) / "model.safetensors").exists() and (Path(row.path) / "chat_template.jinja").exists()
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU's mixed precision")
+@pytest.mark.skipif(has_cuda(), reason="checks the CPU's mixed precision")
 def test_bf16_on_a_cpu_trains_with_autocast_over_fp32_weights(registry, tiny):
     import torch
 
