@@ -156,6 +156,24 @@ def test_requests_are_harvested_with_token_counts(client, registry):
         assert "test-key" not in json.dumps(row.request)
 
 
+def test_a_stream_is_harvested_though_the_client_hangs_up_at_done(client, registry):
+    # The openai client closes the connection as soon as it reads [DONE]; that used to cancel the
+    # relay before the engine's end of stream arrived, losing a few streamed rows in two dozen.
+    markers = [uuid.uuid4().hex for _ in range(24)]
+    for marker in markers:
+        for _ in client.chat.completions.create(model="tiny-qwen3", max_tokens=4, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": f"hang up {marker}"}]):
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        logged = json.dumps([r.request for r in registry.store.all(RequestLog, RequestLog.endpoint == "chat")])
+        missing = [m for m in markers if m not in logged]
+        if not missing:
+            break
+        time.sleep(0.2)
+    assert missing == []
+
+
 def test_health_and_metrics(client, front_door):
     def counts() -> dict:
         text = httpx.get(root(front_door) + "/metrics").text

@@ -235,6 +235,10 @@ def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = ()
                             exchange.usage = data["usage"]
                             if drop_usage and not data.get("choices"):
                                 continue
+                    elif event.startswith(b"data: [DONE]"):
+                        # Before the yield: a client may hang up as soon as it reads [DONE], and the
+                        # disconnect cancels this generator before the upstream's end arrives.
+                        exchange.complete = True
                     yield event + b"\n\n"
             if pending:
                 yield pending
