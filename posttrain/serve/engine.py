@@ -79,9 +79,11 @@ def default_dtype(model_path: str) -> str:
     # Except quantized checkpoints: on CPUs with AMX the CPU build runs int8 layers through a
     # kernel that takes only bf16/fp16 activations and fails engine start-up under fp32.
     config = Path(model_path) / "config.json"
-    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
-        return "bfloat16"
-    return "float32"
+    try:
+        quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except ValueError as exc:
+        raise PosttrainError(f"{config}: not valid JSON ({exc})") from None
+    return "bfloat16" if quantized else "float32"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
