@@ -16,6 +16,7 @@ ARG TORCH_PIP_ARGS=
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential make git \
+    bubblewrap \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -31,4 +32,7 @@ ENV PATH=/app/.venv/bin:$PATH \
     HF_HUB_OFFLINE=1
 VOLUME /data
 EXPOSE 8000 7860
+# Beyond loopback the API needs a key: the entrypoint generates one when POSTTRAIN_API_KEY is
+# unset (kept on the volume, printed once). The arena stays public and reaches the API with it.
+ENTRYPOINT ["/app/deploy/docker-entrypoint.sh"]
 CMD ["posttrain", "up"]

@@ -30,13 +30,14 @@ def prompts(n: int) -> list[list[dict]]:
             for i in range(n)]
 
 
-def load(base_url: str, model: str, conversations: list, max_tokens: int, concurrency: int) -> tuple[int, float]:
+def load(base_url: str, model: str, conversations: list, max_tokens: int, concurrency: int,
+         api_key: str = "none") -> tuple[int, float]:
     """Run in a child process: all requests, `concurrency` at a time; (output tokens, seconds)."""
     import openai
 
     async def run() -> tuple[int, float]:
         gate = asyncio.Semaphore(concurrency)
-        async with openai.AsyncOpenAI(base_url=base_url, api_key="none") as client:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key) as client:
 
             async def one(messages) -> int:
                 async with gate:
@@ -93,11 +94,13 @@ def main() -> None:
         1, mp_context=multiprocessing.get_context("spawn")
     ) as client:
         engine = door.engine(row.name)
-        urls = {"b": engine.url + "/v1", "a": door.base_url}
-        client.submit(load, urls["a"], row.name, conversations[:8], 8, 8).result()  # warm-up
+        # The engine answers only with the key the front door holds.
+        targets = {"b": (engine.url + "/v1", engine.secret), "a": (door.base_url, "none")}
+        client.submit(load, door.base_url, row.name, conversations[:8], 8, 8).result()  # warm-up
         for r in range(args.rounds):
             for key in ("b", "a"):
-                tokens, seconds = client.submit(load, urls[key], row.name, *work).result()
+                url, api_key = targets[key]
+                tokens, seconds = client.submit(load, url, row.name, *work, api_key).result()
                 best[key] = max(best.get(key, 0.0), tokens / seconds)
                 print(f"round {r + 1} ({key}) {tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s",
                       flush=True)

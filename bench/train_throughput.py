@@ -3,8 +3,9 @@ chat sample through (a) `posttrain train sft` (its Python function: recipe, data
 metrics/TensorBoard callbacks, checkpointing, registration) and (b) a plain TRL script with the
 same settings (fp32, no gradient checkpointing: TRL's config defaults differ), then (c) posttrain
 with packing and (d) posttrain in bf16 mixed precision. Prints training tokens/s (TRL's token
-count over the trainer's own runtime, model loading excluded) and the ratios a/b (posttrain's
-overhead; goal >= 0.95), c/a (what packing buys) and d/a (what bf16 autocast buys on this CPU).
+count from the start of training to its last log, model loading excluded) and the ratios a/b
+(posttrain's overhead; goal >= 0.95), c/a (what packing buys) and d/a (what bf16 autocast buys
+on this CPU). bench/gpu.py runs the same two runners for every method on a GPU.
 
 Each run is a fresh process (same imports, same threads); (a) and (b) alternate over rounds and
 the best of each counts, because the machine is shared and noisy.
@@ -15,10 +16,10 @@ the best of each counts, because the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,48 +27,123 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SETTINGS = dict(batch_size=4, learning_rate=2e-4, max_length=1024, lora_r=16, lora_alpha=32, lora_dropout=0.05)
 
 
-def posttrain_run(home: str, steps: int, tag: str, *overrides: str) -> tuple[float, float]:
+def throughput_meter(skip_steps: int = 0):
+    """A callback that times TRL's own token count (`num_tokens`, logged every step) from the
+    end of step `skip_steps` (0: from the start of training) to the last log, so a GPU run can
+    leave its first, warming-up steps out."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks = [(time.perf_counter(), 0.0)]
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                self.marks.append((time.perf_counter(), float(logs["num_tokens"])))
+
+        def rate(self) -> tuple[float, float]:
+            """(tokens, seconds) after the skipped steps."""
+            (t0, n0), (t1, n1) = self.marks[min(skip_steps, len(self.marks) - 2)], self.marks[-1]
+            return n1 - n0, t1 - t0
+
+    return Meter()
+
+
+def posttrain_overrides(method: str, settings: dict) -> list[str]:
+    """`settings` as recipe overrides (`--set`), method-specific keys included."""
+    s = settings
+    out = [f"training.batch_size={s['batch_size']}", f"training.learning_rate={s['learning_rate']}",
+           f"max_length={s['max_length']}", f"lora.r={s['lora_r']}", f"lora.alpha={s['lora_alpha']}",
+           f"lora.dropout={s['lora_dropout']}", f"method={s.get('method', 'lora')}"]
+    if method == "grpo":
+        out += [f"num_generations={s['num_generations']}", f"max_completion_length={s['max_completion_length']}",
+                "use_vllm=false"]
+    return out
+
+
+def posttrain_run(home: str, steps: int, tag: str, *overrides: str, method: str = "sft",
+                  settings: dict = SETTINGS, skip_steps: int = 0) -> tuple[float, float]:
+    """`posttrain train METHOD` (its Python function); (tokens, seconds) as `throughput_meter` sees them."""
     os.environ["POSTTRAIN_HOME"] = home
     from posttrain.registry import Registry
-    from posttrain.train.sft import SFTRecipe, train_sft
+    from posttrain.train import dpo, grpo, sft
 
-    s = SETTINGS
-    recipe = SFTRecipe.load(None, [
-        f"output=bench-{tag}", f"training.max_steps={steps}", f"training.batch_size={s['batch_size']}",
-        f"training.learning_rate={s['learning_rate']}", f"max_length={s['max_length']}", f"lora.r={s['lora_r']}",
-        f"lora.alpha={s['lora_alpha']}", f"lora.dropout={s['lora_dropout']}", *overrides])
-    registry = Registry()
-    row = train_sft(recipe, registry)
-    logged = [json.loads(line) for line in (registry.settings.runs_dir / row.name / "metrics.jsonl").open()]
-    tokens = max(entry["num_tokens"] for entry in logged if "num_tokens" in entry)
-    return tokens, logged[-1]["train_runtime"]
+    recipe_class, train = {"sft": (sft.SFTRecipe, sft.train_sft), "dpo": (dpo.DPORecipe, dpo.train_dpo),
+                           "grpo": (grpo.GRPORecipe, grpo.train_grpo)}[method]
+    recipe = recipe_class.load(None, [f"output=bench-{tag}", f"training.max_steps={steps}",
+                                      *posttrain_overrides(method, settings), *overrides])
+    meter = throughput_meter(skip_steps)
+    train(recipe, Registry(), callbacks=[meter])
+    return meter.rate()
 
 
-def trl_run(model_path: str, data_path: str, steps: int) -> tuple[float, float]:
+def trl_model(model_path: str, settings: dict):
+    """The model as a plain script loads it: bf16 weights on a GPU, fp32 on a CPU (as posttrain
+    does), 4-bit NF4 for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if settings.get("method") != "qlora":
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quantization,
+                                                 device_map={"": 0})
+    return prepare_model_for_kbit_training(model, False)
+
+
+def trl_trainer(method: str, model, tokenizer, dataset, common: dict, settings: dict, callbacks: list):
+    """TRL's trainer for `method` with posttrain's recipe defaults spelled out (a plain script
+    would write them; TRL's own defaults differ)."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+    s = settings
+    peft = None if s.get("method") == "full" else LoraConfig(
+        r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"], target_modules="all-linear",
+        task_type="CAUSAL_LM")
+    shared = dict(model=model, train_dataset=dataset, processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    if method == "sft":
+        args = SFTConfig(**common, max_length=s["max_length"], assistant_only_loss=True)
+        return SFTTrainer(args=args, **shared)
+    if method == "dpo":
+        args = DPOConfig(**common, beta=0.1, loss_type=["sigmoid"], max_length=s["max_length"])
+        return DPOTrainer(ref_model=None, args=args, **shared)
+    from posttrain.train.rewards import make  # the same reward code, so both sides score alike
+
+    args = GRPOConfig(**common, num_generations=s["num_generations"], max_completion_length=s["max_completion_length"],
+                      temperature=1.0, beta=0.04, reward_weights=[1.0, 0.5], use_vllm=False)
+    return GRPOTrainer(reward_funcs=[make("math_answer"), make("think_format")], args=args, **shared)
+
+
+def trl_run(model_path: str, data_path: str, steps: int, method: str = "sft", settings: dict = SETTINGS,
+            skip_steps: int = 0) -> tuple[float, float]:
     """The plain TRL script: what a user would write by hand with the same settings."""
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer
 
-    s = SETTINGS
+    s = settings
+    gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     dataset = load_dataset("json", data_files=data_path, split="train")
+    meter = throughput_meter(skip_steps)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=s["batch_size"],
-                         learning_rate=s["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0.03,
-                         max_length=s["max_length"], assistant_only_loss=True, logging_steps=1, save_steps=50,
-                         report_to="none", use_cpu=True, seed=42, data_seed=42,
-                         # TRL's defaults turn both on; posttrain's recipes leave them off on a CPU.
-                         gradient_checkpointing=False, bf16=False)
-        peft = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft)
-        runtime = trainer.train().metrics["train_runtime"]
-        tokens = max(entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry)
-    return tokens, runtime
+        common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=s["batch_size"],
+                      learning_rate=s["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0.03,
+                      logging_steps=1, save_steps=50, report_to="none", use_cpu=not gpu, seed=42, data_seed=42,
+                      # TRL's defaults turn checkpointing on (and bf16 on CPUs too); posttrain's
+                      # recipes leave checkpointing off and use bf16 on GPUs only.
+                      gradient_checkpointing=False, bf16=gpu)
+        trainer = trl_trainer(method, trl_model(model_path, s), tokenizer, dataset, common, s, [meter])
+        trainer.train()
+    return meter.rate()
 
 
 def main() -> None:

@@ -33,22 +33,28 @@ def tuned_default(registry: Registry):
 
 
 def up(host: str = "127.0.0.1", port: int = 8000, arena_port: int = 7860, api_keys: list[str] = (),
-       tune: bool = True, registry: Registry | None = None) -> None:
-    """Provision, tune, serve and open the arena; blocks until Ctrl-C or SIGTERM."""
-    from posttrain.serve.app import api_keys_from_env, start_front_door, stop_on_sigterm
+       tune: bool = True, log_requests: bool = True, insecure_no_auth: bool = False,
+       registry: Registry | None = None) -> None:
+    """Provision, tune, serve and open the arena; blocks until Ctrl-C or SIGTERM. Beyond
+    loopback the API needs a key (the arena, public by design, reaches it with that key)."""
+    from posttrain.serve.app import api_keys_from_env, check_exposure, start_front_door, stop_on_sigterm
     from posttrain.ui.arena import ArenaConfig, serve_arena
 
+    keys = list(dict.fromkeys([*api_keys, *api_keys_from_env()]))
+    check_exposure(host, keys, insecure_no_auth)  # before the minutes of provisioning and tuning
     registry = registry or Registry()
     models = [pull_default(registry).name] + ([tuned_default(registry).name] if tune else [])
     models += [name for name in registry.arena_roster() if registry.find(name) is not None]
-    keys = list(dict.fromkeys([*api_keys, *api_keys_from_env()]))
     stop_on_sigterm()
-    door = start_front_door(models, port=port, host=host, api_keys=keys, log_requests=True, registry=registry)
+    door = start_front_door(models, port=port, host=host, api_keys=keys, log_requests=log_requests,
+                            registry=registry, insecure_no_auth=insecure_no_auth)
     try:
+        logged = ("requests are logged for preference data (--no-log-requests turns it off)" if log_requests
+                  else "requests are not logged")
         print(f"posttrain up: OpenAI API at {door.base_url} ({', '.join(door.models)}; "
-              f"{'API key required' if keys else 'no API key'}; requests are logged for preference data)",
-              flush=True)
-        serve_arena(ArenaConfig(base_url=door.base_url, api_key=door.api_key), host=host, port=arena_port,
+              f"{'API key required' if keys else 'no API key'}; {logged})", flush=True)
+        serve_arena(ArenaConfig(base_url=door.base_url, api_key=door.api_key, requests_logged=log_requests),
+                    host=host, port=arena_port,
                     store=registry.store)
     finally:
         door.stop()

@@ -6,7 +6,9 @@ Heavy libraries (torch, transformers, vllm, gradio) are imported inside the verb
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from posttrain.config import SET_VALUES
 from posttrain.errors import PosttrainError
 
 app = typer.Typer(
@@ -42,9 +45,18 @@ from posttrain.train.cli import app as train_app, data_app  # noqa: E402
 
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
+from posttrain.harvest.cli import app as harvest_app  # noqa: E402
+from posttrain.migrations.cli import app as db_app  # noqa: E402
+
+data_app.add_typer(harvest_app)  # data export / data purge, beside data generate
+app.add_typer(db_app, name="db")
 
 # Programs and CI logs read tables too: don't squeeze them into an 80-column guess.
 console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+THINKING_HELP = ("qwen3 (thinks unless told /no_think or enable_thinking=false), deepseek_r1 (always thinks) "
+                 "or none.")
 
 
 def _registry():
@@ -59,7 +71,8 @@ def _as_json(rows) -> str:
 
 def _row_dict(row) -> dict:
     return {c: getattr(row, c) for c in (
-        "name", "path", "kind", "stage", "parent", "recipe", "datasets", "git_commit", "created_at", "metrics"
+        "name", "path", "kind", "stage", "parent", "recipe", "datasets", "git_commit", "created_at", "metrics",
+        "thinking",
     )}
 
 
@@ -80,6 +93,8 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Machine-read
 @models_app.command("show")
 def models_show(name: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Show one checkpoint: its whole lineage, data hashes, recipe and latest scores."""
+    from posttrain.registry import describe_data
+
     registry = _registry()
     chain = registry.lineage(name)
     scores = registry.latest_scores(name)
@@ -95,8 +110,9 @@ def models_show(name: str, as_json: bool = typer.Option(False, "--json", help="M
     console.print(f"[bold]{row.name}[/bold]  ({row.stage}, {row.kind})  {row.path}")
     console.print(f"created {row.created_at:%Y-%m-%d %H:%M} UTC by posttrain {row.git_commit}")
     console.print("lineage: " + " <- ".join(f"{c.name} [{c.stage}]" for c in chain))
+    console.print(f"thinking: {row.thinking or 'no'}")
     for d in row.datasets:
-        console.print(f"data: {d['path']}  sha256 {d['sha256'][:16]}…")
+        console.print(f"data: {describe_data(d)}", markup=False, highlight=False)
     if row.recipe:
         console.print("recipe: " + json.dumps(row.recipe, default=str))
     if scores:
@@ -115,10 +131,28 @@ def models_add(
     stage: str = typer.Option("base", help="Stage label: base, sft, dpo, grpo, merge, quantize, ..."),
     parent: Optional[str] = typer.Option(None, help="The registered model this one derives from."),
     adapter: bool = typer.Option(False, help="PATH is a LoRA adapter trained on PARENT."),
+    thinking: Optional[str] = typer.Option(
+        None, help=f"Whether it reasons in <think> before answering: {THINKING_HELP} Default: detected from "
+        "its chat template and its parent."),
 ):
     """Register an existing checkpoint folder."""
-    row = _registry().add(name, path, stage=stage, parent=parent, kind="adapter" if adapter else "full")
-    typer.echo(f"registered {row.name} -> {row.path}")
+    from posttrain.registry import DETECT
+
+    row = _registry().add(name, path, stage=stage, parent=parent, kind="adapter" if adapter else "full",
+                          thinking=DETECT if thinking is None else _thinking_format(thinking))
+    typer.echo(f"registered {row.name} -> {row.path}" + (f" (thinking: {row.thinking})" if row.thinking else ""))
+
+
+@models_app.command("set-thinking")
+def models_set_thinking(name: str, thinking: str = typer.Argument(..., help=THINKING_HELP)):
+    """Record whether a registered checkpoint thinks (`posttrain serve` starts its engine with the
+    matching reasoning parser)."""
+    row = _registry().set_thinking(name, _thinking_format(thinking))
+    typer.echo(f"{row.name}: thinking {row.thinking or 'no'}")
+
+
+def _thinking_format(value: str) -> str | None:
+    return None if value.strip().lower() in ("none", "no", "off") else value.strip()
 
 
 @models_app.command("rm")
@@ -157,7 +191,8 @@ app.add_typer(pipeline_app, name="pipeline")
 def pipeline_run(
     recipe: Path = typer.Argument(..., help="Pipeline YAML, e.g. recipes/pipelines/sft-dpo.yaml."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a key, e.g. "
-                                                  "--set stages.0.recipe.training.max_steps=2 (repeatable)."),
+                                                  "--set stages.0.recipe.training.max_steps=2 (repeatable). "
+                                                  + SET_VALUES),
 ):
     """Run a pipeline's stages in order; a re-run skips finished stages and resumes an interrupted one."""
     from posttrain.pipeline import run_pipeline
@@ -171,14 +206,18 @@ def loop(
     base: Optional[str] = typer.Option(None, help="The champion the candidate is trained from (default: the recipe's, "
                                        "else smollm2-135m-instruct-sft, the model `posttrain up` tunes)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Loop recipe (see recipes/loop.yaml)."),
-    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set dpo.beta=0.2."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set dpo.beta=0.2 "
+                                                  "(repeatable). " + SET_VALUES),
+    sources: Optional[str] = typer.Option(None, help="Where the pairs come from, comma-separated: arena (votes), "
+                                          "feedback (on the API's answers). Default: the recipe's, else arena."),
 ):
-    """One turn of the flywheel: new arena votes -> DPO pairs -> DPO from the champion -> merge ->
-    serve beside the champion -> lm-eval (+ MT-Bench) on both -> report -> the candidate joins the
-    arena unless something regressed. Resumable: a re-run continues an unfinished turn."""
+    """One turn of the flywheel: new arena votes (and/or API feedback) -> DPO pairs -> DPO from the
+    champion -> merge -> serve beside the champion -> lm-eval (+ MT-Bench) on both -> report -> the
+    candidate joins the arena unless something regressed. Resumable: a re-run continues an unfinished turn."""
     from posttrain.loop import LoopRecipe, loop as run
 
-    config = LoopRecipe.load(recipe, [*(overrides or []), *([f"base={base}"] if base else [])])
+    values = {"base": base, "sources": sources and [s.strip() for s in sources.split(",") if s.strip()]}
+    config = LoopRecipe.load(recipe, overrides or [], values={k: v for k, v in values.items() if v})
     result = run(config)
     if result.get("promote", {}).get("promoted") is False:
         raise typer.Exit(1)
@@ -194,15 +233,22 @@ def up(
                                                 "POSTTRAIN_API_KEY works too)."),
     tune: bool = typer.Option(True, help="Also serve a LoRA-tuned variant (trained once, ~2 min on CPU) so "
                               "the arena has a pair."),
+    log_requests: bool = typer.Option(True, help="Harvest API and arena requests into the store as preference "
+                                      "data (prompts and replies; never keys or addresses)."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve the API beyond loopback "
+                                          "without a key."),
 ):
     """Start the appliance on the embedded default model: provision it, tune a variant, serve both
     behind the OpenAI API, open the arena. Ctrl-C stops everything."""
     from posttrain.appliance import up as run
 
-    run(host=host, port=port, arena_port=arena_port, api_keys=api_key or [], tune=tune)
+    run(host=host, port=port, arena_port=arena_port, api_keys=api_key or [], tune=tune, log_requests=log_requests,
+        insecure_no_auth=insecure_no_auth)
 
 
 def main() -> None:
+    # `kill -USR1 PID` prints every thread's stack to stderr: what a run that seems stuck is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except PosttrainError as exc:

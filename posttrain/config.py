@@ -2,7 +2,7 @@
 
 A recipe is a pydantic model that forbids unknown keys; loading one reports problems as
 `file:line: key: what is wrong`, and `--set a.b=value` overrides are applied before validation
-so they are checked exactly like the file.
+so they are checked exactly like the file. SET_VALUES says how a `--set` value is read.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -53,7 +53,10 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     @classmethod
-    def load(cls: type[R], path: str | Path | None = None, overrides: Iterable[str] = ()) -> R:
+    def load(cls: type[R], path: str | Path | None = None, overrides: Iterable[str] = (),
+             values: Mapping[str, Any] | None = None) -> R:
+        """The recipe file, then `--set key=value` overrides, then `values`: dotted keys a CLI
+        flag already typed (a teacher name, an API key, a path), taken as they are."""
         data: dict[str, Any] = {}
         lines: dict[tuple[str, ...], int] = {}
         where = "recipe"
@@ -63,9 +66,12 @@ class Recipe(BaseModel):
             data, lines = _read_yaml(path)
         for item in overrides:
             key, sep, raw = item.partition("=")
-            if not sep or not key:
+            if not sep or not key or not key.isprintable():
                 raise PosttrainError(f"--set {item!r}: expected key=value (e.g. lora.r=16)")
-            _set_dotted(data, key.split("."), yaml.safe_load(raw) if raw else "")
+            _set_dotted(data, key.split("."), override_value(key, raw))
+            lines[tuple(key.split("."))] = 0
+        for key, value in (values or {}).items():
+            _set_dotted(data, key.split("."), value)
             lines[tuple(key.split("."))] = 0
         try:
             return cls.model_validate(data)
@@ -75,13 +81,48 @@ class Recipe(BaseModel):
             line = _nearest_line(lines, loc)
             at = f"{where}:{line}" if line else ("--set" if line == 0 else where)
             more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-            raise PosttrainError(f"{at}: {'.'.join(loc) or 'recipe'}: {err['msg']}{more}") from None
+            # Keys and messages can quote what the user typed, line breaks included: keep one line.
+            what = f"{'.'.join(loc) or 'recipe'}: {err['msg']}".replace("\n", "\\n")
+            raise PosttrainError(f"{at}: {what}{more}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
 R = TypeVar("R", bound=Recipe)
+
+# Help text, so no square brackets: Typer's rich markup would swallow them.
+SET_VALUES = ("A value is read as YAML when it is a number, true/false, null, a quoted string, or a list or "
+              "mapping in brackets or braces; anything else is the text as typed (a: b, *x, @x and 2024-01-01 "
+              "stay text). Quote to keep a string: --set output=\"'2024'\".")
+_NULLS = ("~", "null", "Null", "NULL")
+# Anchors, aliases, tags and block structure in a one-line value are text a user typed, not YAML
+# they meant: `--set system_prompt=Note: be brief` is that sentence, not a mapping.
+_NOT_A_VALUE = (yaml.AnchorToken, yaml.AliasToken, yaml.TagToken, yaml.DirectiveToken, yaml.DocumentStartToken,
+                yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.BlockEntryToken)
+
+
+def override_value(key: str, raw: str) -> Any:
+    """The value of `--set key=raw` (see SET_VALUES)."""
+    if raw.lstrip()[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise PosttrainError(f"--set {key}: invalid YAML {'list' if raw.lstrip()[0] == '[' else 'mapping'}: "
+                                 f"{problem}") from None
+    try:
+        tokens = list(yaml.scan(raw))
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    scalars = [t for t in tokens if isinstance(t, yaml.ScalarToken)]
+    if any(isinstance(t, _NOT_A_VALUE) for t in tokens) or len(scalars) != 1:
+        return raw
+    if isinstance(value, (bool, int, float)) or (value is None and raw.strip() in _NULLS):
+        return value
+    # A quoted string is what its quotes hold; any other text (a date too) is kept as typed.
+    return value if isinstance(value, str) and not scalars[0].plain else raw
 
 
 def recipe_error(where: tuple[str | int, ...], message: str) -> PydanticCustomError:
@@ -92,35 +133,54 @@ def recipe_error(where: tuple[str | int, ...], message: str) -> PydanticCustomEr
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PosttrainError(f"{path}: no such recipe file") from None
+    except UnicodeDecodeError as exc:
+        raise PosttrainError(f"{path}: not UTF-8 text (at byte {exc.start + 1})") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+    except RecursionError:
+        raise PosttrainError(f"{path}: invalid YAML: nested too deeply") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise PosttrainError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise PosttrainError(f"{path}{line}: invalid YAML: {exc.problem or exc.context or 'unreadable'}") from None
+    except yaml.reader.ReaderError as exc:  # a control character or invalid Unicode
+        line = text.count("\n", 0, exc.position) + 1
+        raise PosttrainError(f"{path}:{line}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise PosttrainError(f"{path}:1: a recipe must be a mapping of keys to values")
+    return data, _key_lines(path, node)
+
+
+def _key_lines(path: Path, root: yaml.Node) -> dict[tuple[str, ...], int]:
+    """Each key's line. An alias repeats its anchor's node, which is indexed once, under the
+    anchor (so aliases cannot multiply the work); a node that contains itself is refused."""
     lines: dict[tuple[str, ...], int] = {}
-    _index_lines(node, (), lines)
-    return data, lines
+    done: set[int] = set()
 
+    def walk(node: yaml.Node, prefix: tuple[str, ...], open_nodes: frozenset[int]) -> None:
+        if id(node) in open_nodes:
+            raise PosttrainError(f"{path}:{node.start_mark.line + 1}: invalid YAML: an alias refers to the "
+                                 "mapping or list that contains it")
+        if id(node) in done:
+            return
+        done.add(id(node))
+        children: list[tuple[str, int, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [(str(key.value), key.start_mark.line + 1, value) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(str(i), value.start_mark.line + 1, value) for i, value in enumerate(node.value)]
+        for key, line, child in children:
+            lines.setdefault(prefix + (key,), line)
+            walk(child, prefix + (key,), open_nodes | {id(node)})
 
-def _index_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path = prefix + (str(key.value),)
-            out[path] = key.start_mark.line + 1
-            _index_lines(value, path, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            out[prefix + (str(i),)] = value.start_mark.line + 1
-            _index_lines(value, prefix + (str(i),), out)
+    walk(root, (), frozenset())
+    return lines
 
 
 def _nearest_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
@@ -143,7 +203,7 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
         if isinstance(node, list):
-            if not key.isdigit() or int(key) > len(node):
+            if not _is_index(key) or int(key) > len(node):
                 raise PosttrainError(f"--set {'.'.join(keys)}: {key} is not an index of that list "
                                      f"(it has {len(node)} entries)")
             key = int(key)
@@ -155,5 +215,10 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
             node[key] = value
         else:
             if isinstance(node, dict) and key not in node:
-                node[key] = [] if keys[depth + 1].isdigit() else {}
+                node[key] = [] if _is_index(keys[depth + 1]) else {}
             node = node[key]
+
+
+def _is_index(key: str) -> bool:
+    # str.isdigit() also accepts digits int() refuses, like "²".
+    return key.isascii() and key.isdigit()

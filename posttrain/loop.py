@@ -1,6 +1,6 @@
 """`posttrain loop`: the flywheel, one turn of it per call.
 
-    1. export   the arena's new votes (since the last turn) as DPO preference pairs
+    1. export   new preference pairs (since the last turn): arena votes and/or feedback on the API's answers
     2. dpo      LoRA DPO from the champion on those pairs     -> candidate (adapter, stage dpo)
     3. merge    the candidate into a full checkpoint           -> the next turn's champion
     4. serve    champion and candidate from one vLLM engine behind the front door
@@ -10,7 +10,7 @@
 
 Every step prints what it did and is recorded in `$POSTTRAIN_HOME/runs/loop/turn-N/state.json`;
 a re-run after a failure continues the unfinished turn where it stopped (DPO from its last
-checkpoint). A turn with no new votes changes nothing.
+checkpoint). A turn with no new votes or feedback changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -36,6 +36,9 @@ from posttrain.train.dpo import DPORecipe
 class LoopRecipe(Recipe):
     base: str = Field(TUNED_MODEL, description="The champion: the registered model the candidate is trained from "
                       "(default: the tuned model `posttrain up` serves).")
+    sources: list[Literal["arena", "feedback"]] = Field(
+        ["arena"], min_length=1, description="Where preference pairs come from: arena votes (`source` says which) "
+        "and/or feedback on the API's harvested answers (chosen choices, corrections, thumbs up vs down).")
     source: str = Field("human", description="Which votes: arena, side-by-side, human (both), judge, all.")
     min_pairs: int = Field(1, gt=0, description="Fewer new preference pairs than this: no turn.")
     dpo: DPORecipe = Field(default_factory=DPORecipe, description="DPO settings (model, output and data are set).")
@@ -78,6 +81,17 @@ def votes_since(root: Path) -> datetime | None:
     return max(cutoffs, default=None)
 
 
+def export_pairs(registry: Registry, recipe: LoopRecipe, out: Path, since: datetime | None, until: datetime):
+    """The turn's DPO pairs from the recipe's sources, with feedback given (votes cast) in [since, until)."""
+    from posttrain.harvest.export import FEEDBACK_SOURCES, export_dpo
+    from posttrain.harvest.logs import Filters
+
+    picked = [*(["arena"] if "arena" in recipe.sources else []),
+              *(FEEDBACK_SOURCES if "feedback" in recipe.sources else [])]
+    return export_dpo(registry.store, out, Filters(since=since, until=until), sources=picked,
+                      arena_source=recipe.source)
+
+
 def loop(recipe: LoopRecipe, registry: Registry | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """One turn of the flywheel; returns the turn's record (see the module docstring)."""
     from posttrain.evaluate.report import NightlyConfig, nightly
@@ -85,7 +99,6 @@ def loop(recipe: LoopRecipe, registry: Registry | None = None, say: Callable[[st
     from posttrain.train.base import last_checkpoint, start_checkpoint
     from posttrain.train.dpo import train_dpo
     from posttrain.train.merge import MERGED_SUFFIX, merge
-    from posttrain.ui.export import export_votes
 
     registry = registry or Registry()
     root = registry.settings.runs_dir / "loop"
@@ -95,10 +108,10 @@ def loop(recipe: LoopRecipe, registry: Registry | None = None, say: Callable[[st
 
     if "export" not in turn.state:
         since, until = votes_since(root), utcnow()
-        summary = export_votes(registry.store, prefs, source=recipe.source, since=since, until=until)
+        summary = export_pairs(registry, recipe, prefs, since, until)
         if summary.kept < recipe.min_pairs:
             prefs.unlink(missing_ok=True)
-            say(f"turn {turn.number}: {summary.kept} new preference pairs from {recipe.source} votes"
+            say(f"turn {turn.number}: {summary.kept} new preference pairs from {' and '.join(recipe.sources)}"
                 f"{f' since {since:%Y-%m-%d %H:%M}' if since else ''} (need {recipe.min_pairs}); nothing to do")
             return {"turn": turn.number, "skipped": "not enough new votes", "pairs": summary.kept}
         turn.record("export", file=str(prefs), pairs=summary.kept, since=since, until=until)

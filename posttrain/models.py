@@ -122,40 +122,37 @@ def pull_default(registry: Registry | None = None, name: str = DEFAULT_MODEL) ->
     )
 
 
-def build_tiny(registry: Registry | None = None, name: str = TINY_MODEL, seed: int = 0) -> Checkpoint:
+def build_tiny(registry: Registry | None = None, name: str = TINY_MODEL, seed: int = 0,
+               tokenizer: str | Path | None = None, **shape) -> Checkpoint:
     """A random-init Qwen3 (GQA, q/k norm; 2 layers, hidden 64) with SmolLM2's tokenizer and a
-    ChatML training template. Speaks gibberish; exists so tests run in seconds."""
+    ChatML training template. Speaks gibberish; exists so tests run in seconds.
+
+    `shape`: Qwen3Config fields for another size (the GPU benchmark builds Qwen3-0.6B's shape
+    this way, `vocab_size` included); `tokenizer`: a folder holding SmolLM2's tokenizer, for
+    machines without the GGUF package."""
     registry = registry or Registry()
     if (row := _registered(registry, name)) is not None:
         return row
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = _load_smollm2_tokenizer(_smollm2_gguf())
-    tokenizer.chat_template = chatml_template()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # vLLM's CPU attention kernels support head sizes from 32 up
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=im_end,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=torch.float32,
-    )
+    loaded = AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer else _load_smollm2_tokenizer(_smollm2_gguf())
+    loaded.chat_template = chatml_template()
+    im_end = loaded.convert_tokens_to_ids("<|im_end|>")
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2,
+                 head_dim=32,  # vLLM's CPU attention kernels support head sizes from 32 up
+                 max_position_embeddings=2048, tie_word_embeddings=True, vocab_size=len(loaded)) | shape
+    config = Qwen3Config(**sizes, bos_token_id=loaded.bos_token_id, eos_token_id=im_end,
+                         pad_token_id=loaded.pad_token_id, dtype=torch.float32)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     model.generation_config.eos_token_id = im_end
     with registry.staging(name) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        loaded.save_pretrained(tmp)
     return registry.add(
         name, registry.model_dir(name), stage="tiny", replace=True,
-        recipe={"architecture": "Qwen3ForCausalLM", "hidden_size": 64, "layers": 2, "seed": seed},
+        recipe={"architecture": "Qwen3ForCausalLM", "hidden_size": sizes["hidden_size"],
+                "layers": sizes["num_hidden_layers"], "seed": seed},
     )

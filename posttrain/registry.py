@@ -21,10 +21,13 @@ from sqlalchemy import delete, select
 
 from posttrain.config import Settings, settings
 from posttrain.errors import PosttrainError
+from posttrain.files import write_atomically
 from posttrain.store import Checkpoint, EvalRun, EvalScore, Meta, Store
+from posttrain.thinking import FORMATS, detect_thinking
 
 ARENA_ROSTER = "arena_roster"
 STAGES = ("pulled", "tiny", "base", "sft", "dpo", "grpo", "merge", "quantize", "distill")
+DETECT = "detect"  # Registry.add: find the thinking format from the lineage and the template
 
 
 def file_sha256(path: str | Path) -> str:
@@ -33,6 +36,37 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def folder_sha256(path: str | Path) -> str:
+    """One hash over a folder's files: each file's path inside it and its content's hash, in
+    order, so a renamed, added, removed or edited file changes it."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def data_lineage(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of one data source: a file's or a folder's sha256; a dict (a Hub
+    dataset's `revision`, or `unhashed` with the reason nothing could be hashed) as it is."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source).absolute()
+    try:
+        return {"path": str(path), "sha256": folder_sha256(path) if path.is_dir() else file_sha256(path)}
+    except OSError as exc:  # moved or deleted while training ran
+        return {"path": str(path), "unhashed": f"cannot read it: {exc.strerror}"}
+
+
+def describe_data(entry: dict[str, Any]) -> str:
+    """One line per data source for `models show` and the model card."""
+    if entry.get("sha256"):
+        return f"{entry['path']}  sha256 {entry['sha256']}"
+    if entry.get("revision"):
+        return f"{entry['path']}  revision {entry['revision']}"
+    return f"{entry['path']}  unhashed ({entry.get('unhashed') or 'no hash recorded'})"
 
 
 @lru_cache(maxsize=1)
@@ -58,6 +92,14 @@ class Served:
 
     base_path: str
     adapter_path: str | None
+
+    @property
+    def tokenizer_path(self) -> str:
+        """An adapter saved with its own tokenizer (added tokens, its chat template) is read with
+        that one; otherwise the base's."""
+        if self.adapter_path and (Path(self.adapter_path) / "tokenizer_config.json").exists():
+            return self.adapter_path
+        return self.base_path
 
 
 class Registry:
@@ -90,12 +132,15 @@ class Registry:
         parent: str | None = None,
         kind: str = "full",
         recipe: dict[str, Any] | None = None,
-        datasets: Iterable[str | Path] = (),
+        datasets: Iterable[str | Path | dict[str, Any]] = (),
         replace: bool = False,
+        thinking: str | None = DETECT,
     ) -> Checkpoint:
-        """Register a checkpoint folder; dataset files are hashed into its lineage and a model
-        card with the same facts is written next to the weights."""
+        """Register a checkpoint folder; data files and folders are hashed into its lineage
+        (see `data_lineage`) and a model card with the same facts is written (see `card_path`).
+        `thinking`: its format (see `posttrain.thinking`), None for a model that does not think."""
         _check_name(name)
+        _check_thinking(thinking, allow_detect=True)
         if stage not in STAGES:
             raise PosttrainError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
         if kind not in ("full", "adapter"):
@@ -109,10 +154,12 @@ class Registry:
                 raise PosttrainError(f"adapter {name}: its parent {parent} must be a full model")
         elif kind == "adapter":
             raise PosttrainError(f"adapter {name}: needs the parent it was trained on")
+        if thinking == DETECT:
+            thinking = detect_thinking(path, recipe, parent_row.thinking if parent is not None else None)
         row = Checkpoint(
             name=name, path=str(path), kind=kind, stage=stage, parent=parent,
             recipe=recipe or {}, git_commit=git_commit(),
-            datasets=[{"path": str(Path(d).absolute()), "sha256": file_sha256(d)} for d in datasets],
+            datasets=[data_lineage(d) for d in datasets], thinking=thinking,
         )
         with self.store.session() as s:
             existing = s.scalar(select(Checkpoint).where(Checkpoint.name == name))
@@ -148,6 +195,19 @@ class Registry:
             s.execute(delete(Checkpoint).where(Checkpoint.name == name))
         if delete_files and Path(row.path).is_relative_to(self.settings.models_dir):
             shutil.rmtree(row.path, ignore_errors=True)
+        if not Path(row.path).is_relative_to(self.settings.models_dir):
+            self.card_path(row).unlink(missing_ok=True)
+        return row
+
+    def set_thinking(self, name: str, thinking: str | None) -> Checkpoint:
+        """Record a checkpoint's thinking format by hand (one registered before posttrain recorded
+        it, or one the detection got wrong)."""
+        _check_thinking(thinking)
+        self.get(name)  # an unknown name: the error that lists the known ones
+        with self.store.session() as s:
+            row = s.scalar(select(Checkpoint).where(Checkpoint.name == name))
+            row.thinking = thinking
+        self.write_card(row)
         return row
 
     def lineage(self, name: str) -> list[Checkpoint]:
@@ -189,24 +249,39 @@ class Registry:
                 latest.setdefault((row.task, row.metric), row)
             return list(latest.values())
 
+    def card_path(self, row: Checkpoint) -> Path:
+        """README.md inside the checkpoints posttrain wrote (the model store). A folder registered
+        from elsewhere is the user's: its own card stays, and in a Hugging Face cache snapshot a
+        README.md is a link into shared blobs. Its card goes to $POSTTRAIN_HOME/cards/NAME.md."""
+        if Path(row.path).is_relative_to(self.settings.models_dir):
+            return Path(row.path) / "README.md"
+        return self.settings.home / "cards" / f"{row.name}.md"
+
     def write_card(self, row: Checkpoint) -> None:
         chain = " <- ".join(c.name for c in self.lineage(row.name))
-        data = "\n".join(f"- `{d['path']}` sha256 `{d['sha256']}`" for d in row.datasets) or "- none"
+        data = "\n".join(f"- `{describe_data(d)}`" for d in row.datasets) or "- none"
         card = (
             f"---\nlibrary_name: {'peft' if row.kind == 'adapter' else 'transformers'}\n"
             f"tags: [posttrain, {row.stage}]\n---\n\n# {row.name}\n\n"
             f"Produced by posttrain (commit `{row.git_commit}`), stage **{row.stage}**, "
             f"{row.kind} checkpoint, created {row.created_at:%Y-%m-%d %H:%M} UTC.\n\n"
-            f"## Lineage\n\n{chain}\n\n## Data\n\n{data}\n\n"
+            + (f"Thinks before it answers ({row.thinking} format).\n\n" if row.thinking else "")
+            + f"## Lineage\n\n{chain}\n\n## Data\n\n{data}\n\n"
             f"## Recipe\n\n```yaml\n{_yaml(row.recipe)}```\n"
         )
-        (Path(row.path) / "README.md").write_text(card)
+        # Replaced, never written through: a link in place of README.md keeps its target.
+        write_atomically(self.card_path(row), card)
 
 
 def _yaml(data: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False) if data else "{}\n"
+
+
+def _check_thinking(thinking: str | None, allow_detect: bool = False) -> None:
+    if thinking is not None and thinking not in FORMATS and not (allow_detect and thinking == DETECT):
+        raise PosttrainError(f"unknown thinking format {thinking!r} (one of {', '.join(FORMATS)}, or none)")
 
 
 def _check_name(name: str) -> None:

@@ -1,36 +1,40 @@
 """The one schema for everything posttrain persists, and how to open it.
 
 SQLite (WAL) under POSTTRAIN_HOME by default; any SQLAlchemy URL (Postgres for a shared
-deployment) through POSTTRAIN_DB_URL. Migrations are deliberately simple: `create_all` adds
-missing tables, and a schema-version row makes an older posttrain refuse a newer database
-instead of silently misreading it.
+deployment) through POSTTRAIN_DB_URL. Opening a database brings its schema up to date with the
+Alembic revisions in `posttrain.migrations` (a changed model here needs a new revision there),
+and an older posttrain refuses a newer database instead of silently misreading it.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from posttrain.errors import PosttrainError
+from posttrain.migrations import upgrade
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("posttrain.store")
 
 
 def utcnow() -> datetime:
@@ -63,6 +67,9 @@ class Checkpoint(Base):
     git_commit: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # How the model reasons before it answers: None (it does not), "qwen3" (a <think> block it can
+    # switch off: enable_thinking, /no_think) or "deepseek_r1" (always). See `detect_thinking`.
+    thinking: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class EvalRun(Base):
@@ -106,11 +113,22 @@ class Battle(Base):
     vote: Mapped[str] = mapped_column(String(16))
     # "arena", "side-by-side" or "judge:" + a model name (up to 200 characters, like model_a).
     source: Mapped[str] = mapped_column(String(206), default="arena")
+    # Arena: replies the user replaced with Regenerate on the voted turn, {"a": [...], "b": [...]}
+    # (oldest first, sides without any left out): each a weak rejected against that side's last
+    # reply. Assistant messages, with the trace of a reply that thought in `reasoning` (stored
+    # before revision 0006: the reply's text alone). None when nothing was regenerated.
+    regenerated: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    # The mode both sides ran in: True (thinking), False (not thinking); None where nobody
+    # recorded it (battles before revision 0006, imports, judge verdicts).
+    thinking: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     voted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class RequestLog(Base):
+    """One harvested answer: the request body as sent (never the API key or the client's
+    address), one choice's completion, and the engine's response id that feedback refers to."""
+
     __tablename__ = "request_logs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model: Mapped[str] = mapped_column(String(200), index=True)
@@ -120,6 +138,31 @@ class RequestLog(Base):
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # The engine's `id` (chatcmpl-..., cmpl-...), shared by the rows of one request's n choices;
+    # None on rows harvested before feedback existed.
+    response_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    choice: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # sha256 of the prompt (messages or text), so answers to the same prompt can be paired.
+    prompt_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A thinking model's trace, apart from the answer in `completion` (vLLM's reasoning parser
+    # split them); "" when a thinking model answered with thinking off (its prompt ended in the
+    # template's empty think block); None when no thinking was involved.
+    reasoning: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Feedback(Base):
+    """A rating (1 or -1) and/or a correction of one harvested answer, from one API key (kept as
+    its sha256, never the key): at most one per answer and key."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("request_log_id", "key_hash", name="uq_feedback_request_log_id_key_hash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_log_id: Mapped[int] = mapped_column(ForeignKey("request_logs.id", ondelete="CASCADE"), index=True)
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
@@ -134,29 +177,42 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _open(url: str) -> Engine:
+    """An engine on `url` whose server answers. What goes wrong is one line naming the URL
+    without its password: a mistyped POSTTRAIN_DB_URL, a missing driver and a server that is
+    down are the user's to fix, and libpq's messages run over several lines."""
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise PosttrainError("the database URL is not a SQLAlchemy URL "
+                             "(dialect://user:password@host:port/database, e.g. postgresql://...)") from None
+    try:
+        engine = create_engine(url, future=True)
+    except NoSuchModuleError as exc:
+        raise PosttrainError(f"cannot open the database {shown}: {exc}") from None
+    except ImportError as exc:
+        raise PosttrainError(f"cannot open the database {shown}: its driver is not installed ({exc}; "
+                             "for PostgreSQL: pip install 'posttrain[postgres]')") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        engine.dispose()
+        reason = " ".join(str(exc.orig).split())
+        raise PosttrainError(f"cannot connect to the database {shown}: {reason}") from None
+    return engine
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
-        self.engine: Engine = create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = _open(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
-            raise PosttrainError(f"cannot open the database {self.url}: {exc.orig}") from None
-        with self.session() as s:
-            row = s.get(Meta, "schema_version")
-            if row is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise PosttrainError(
-                    f"the database {self.url} has schema version {row.value}, newer than this "
-                    f"posttrain understands ({SCHEMA_VERSION}); upgrade posttrain"
-                )
+        done = upgrade(self.engine)
+        if done.changed and done.before is not None:
+            log.warning("posttrain: %s", done)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

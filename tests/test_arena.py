@@ -1,6 +1,7 @@
 """The arena end to end: a real `posttrain arena` process in front of the real front door
 (tiny-qwen3 and its LoRA on one vLLM engine), driven with gradio_client and with headless
-Chromium; votes checked in SQLite and in the DPO export."""
+Chromium; votes checked in SQLite and in the DPO export. Failures of the models' streams: the
+same arena in front of `BrokenDoor`, an OpenAI-compatible server that breaks its streams."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from broken_door import BrokenDoor
 from posttrain.errors import PosttrainError
 from posttrain.store import Battle, Store
 from posttrain.ui.arena import Arena, ArenaConfig, load_moderation, new_session, weighted_pair
@@ -64,15 +66,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_arena(front_door, tmp: Path, *extra: str) -> ArenaProcess:
+def start_arena(front_door, tmp: Path, *extra: str, max_tokens: int = MAX_TOKENS,
+                db_url: str | None = None) -> ArenaProcess:
     port = free_port()
-    db_url = f"sqlite:///{tmp / 'arena.db'}"
+    db_url = db_url or f"sqlite:///{tmp / 'arena.db'}"
     env = {**os.environ, "POSTTRAIN_DB_URL": db_url, "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     log = tmp / "arena.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "posttrain", "arena", "--port", str(port), "--base-url", front_door.base_url,
-         "--api-key", front_door.api_key, "--max-tokens", str(MAX_TOKENS), "--temperature", "0", *extra],
+         "--api-key", front_door.api_key, "--max-tokens", str(max_tokens), "--temperature", "0", *extra],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     arena = ArenaProcess(f"http://127.0.0.1:{port}/", db_url, process, log)
     deadline = time.monotonic() + 120
@@ -105,10 +108,15 @@ def stream(job) -> list:
     return updates
 
 
-def reply(chat_update: dict) -> str:
-    """The text of the last message in a Chatbot update as gradio_client returns it."""
-    content = chat_update["value"][-1]["content"]
+def text(message: dict) -> str:
+    """The text of a Chatbot message as gradio_client returns it."""
+    content = message["content"]
     return "".join(part["text"] for part in content) if isinstance(content, list) else content
+
+
+def reply(chat_update: dict) -> str:
+    """The text of the last message in a Chatbot update."""
+    return text(chat_update["value"][-1])
 
 
 @pytest.mark.slow
@@ -117,9 +125,11 @@ def test_a_battle_streams_both_replies_and_its_vote_lands_in_the_db_and_export(a
     with pytest.raises(AppError, match="Voting opens once both replies are complete"):
         client.predict(api_name="/battle_vote_a")
     updates = stream(client.submit("Tell me a story about a fox.", api_name="/battle_send"))
-    assert len(updates) >= 3  # streamed, not one final answer
+    # Streamed, not one final answer: the UI shows the replies before they are whole. (How many
+    # updates there are depends on the machine: what arrives while the UI is busy goes out as one,
+    # and the first may come before any text.)
     lengths = [len(reply(u[0])) + len(reply(u[1])) for u in updates]
-    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert len(updates) >= 2 and lengths == sorted(lengths) and lengths[0] < lengths[-1]
     hidden = json.dumps(updates)
     assert not any(name in hidden for name in front_door.models)  # anonymous until the vote
 
@@ -131,7 +141,7 @@ def test_a_battle_streams_both_replies_and_its_vote_lands_in_the_db_and_export(a
     assert reply_a and reply_b and reply_a != reply_b  # two different models
     outcome = client.predict(api_name="/battle_vote_a")
     revealed = outcome[-1]
-    model_a, model_b = outcome[0]["label"].removeprefix("Model A: "), outcome[1]["label"].removeprefix("Model B: ")
+    model_a, model_b = (chat["label"].split(": ", 1)[1] for chat in outcome[:2])  # "Model A (thinking off): name"
     assert {model_a, model_b} == set(front_door.models)
     assert f"Model A was **{model_a}**" in revealed and f"model B was **{model_b}**" in revealed
     with pytest.raises(AppError, match="already voted"):
@@ -171,6 +181,8 @@ def test_side_by_side_votes_once_per_turn_with_chosen_models(arena, front_door):
     client.predict(api_name="/side_by_side_vote_b")
     with pytest.raises(AppError, match="already voted"):
         client.predict(api_name="/side_by_side_vote_a")
+    with pytest.raises(AppError, match="already voted"):  # which would reopen voting on this turn
+        client.predict(api_name="/side_by_side_regenerate")
     stream(client.submit("Are you sure?", base, lora, api_name="/side_by_side_send"))
     client.predict(api_name="/side_by_side_vote_bothbad")
     turns = arena.battles(client)
@@ -210,23 +222,173 @@ def test_voting_opens_only_when_both_replies_are_complete(front_door, tmp_path):
                   Store(f"sqlite:///{tmp_path / 'db.sqlite'}"))
     chat = new_session()["arena"]
 
-    async def battle() -> int:
-        chat.models = await arena.pick_pair()
-        for conv in chat.conversations:
-            conv.append({"role": "user", "content": "Count to ten."})
+    async def battle() -> None:
         updates = 0
-        async for _ in arena.stream(chat):
+        async for _ in await arena.send(chat, "Count to ten."):
             updates += 1
             with pytest.raises(PosttrainError, match="Voting opens once both replies are complete"):
-                arena.vote(chat, "a", "session")
-        return updates
+                await arena.vote(chat, "a", "session")
+        assert updates >= 2 and chat.status == "ready"
+        await arena.vote(chat, "tie", "session")
+        with pytest.raises(PosttrainError, match="already voted"):
+            await arena.vote(chat, "a", "session")
 
-    assert asyncio.run(battle()) >= 2 and chat.status == "ready"
-    arena.vote(chat, "tie", "session")
-    with pytest.raises(PosttrainError, match="already voted"):
-        arena.vote(chat, "a", "session")
+    asyncio.run(battle())
     [battle_row] = arena.store.all(Battle)
     assert battle_row.vote == "tie" and battle_row.conversation_a == chat.conversations[0]
+
+
+def test_two_votes_at_once_on_one_turn_store_one_battle(db_url):
+    arena = Arena(ArenaConfig(), Store(db_url))
+    chat = new_session()["side-by-side"]
+    chat.models, chat.status = ["p", "q"], "ready"
+    chat.conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+                          for reply in ("hello", "hey")]
+
+    async def double_click():
+        return await asyncio.gather(arena.vote(chat, "a", "s"), arena.vote(chat, "b", "s"), return_exceptions=True)
+
+    first, second = asyncio.run(double_click())
+    assert isinstance(second, PosttrainError) and "already voted" in str(second)
+    [row] = arena.store.all(Battle)
+    assert (row.id, row.vote, chat.status) == (first, "a", "voted")
+
+
+@pytest.fixture(scope="module")
+def broken_door():
+    door = BrokenDoor()
+    yield door
+    door.stop()
+
+
+@pytest.fixture(scope="module")
+def broken_arena(broken_door, tmp_path_factory):
+    proc = start_arena(broken_door, tmp_path_factory.mktemp("broken-arena"))
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("models", [("whole", "cut"), ("garbled", "whole"), ("whole", "unfinished"),
+                                    ("cut", "garbled")])
+def test_a_reply_that_fails_in_any_way_blocks_the_vote_and_says_so(broken_arena, models):
+    client = broken_arena.client()
+    final = stream(client.submit("Hello?", *models, api_name="/side_by_side_send"))[-1]
+    info = final[-1]
+    assert "cannot be voted on" in info
+    for side, model, chat in zip("AB", models, final):
+        assert (f"odel {side} (" in info) == (model != "whole")
+        assert ("[the model failed: " in reply(chat)) == (model != "whole")
+    with pytest.raises(AppError, match="Voting opens once both replies are complete"):
+        client.predict(api_name="/side_by_side_vote_a")
+    with pytest.raises(AppError, match="A reply failed"):
+        client.predict("And now?", *models, api_name="/side_by_side_send")
+    assert broken_arena.battles(client) == []
+
+
+def test_regenerated_replies_are_stored_with_the_vote_as_weak_rejections(broken_arena):
+    client = broken_arena.client()
+    both = ("whole", "whole")
+    stream(client.submit("One?", *both, api_name="/side_by_side_send"))
+    stream(client.submit(api_name="/side_by_side_regenerate"))  # never voted on: no preference
+    shown = [stream(client.submit("Two?", *both, api_name="/side_by_side_send"))[-1]]
+    shown += [stream(client.submit(api_name="/side_by_side_regenerate"))[-1] for _ in range(2)]
+    client.predict(api_name="/side_by_side_vote_a")
+    with pytest.raises(AppError, match="already voted"):  # a voted turn is not reopened
+        client.predict(api_name="/side_by_side_regenerate")
+    with pytest.raises(AppError, match="already voted"):
+        client.predict(api_name="/side_by_side_vote_b")
+    [battle] = broken_arena.battles(client)
+    assert battle.regenerated == {side: [{"role": "assistant", "content": reply(update[i])} for update in shown[:2]]
+                                  for i, side in enumerate("ab")}
+    assert [battle.conversation_a[-1]["content"], battle.conversation_b[-1]["content"]] == [
+        reply(shown[-1][0]), reply(shown[-1][1])]
+    assert len({*(r["content"] for r in battle.regenerated["a"]), battle.conversation_a[-1]["content"]}) == 3
+
+
+# --- thinking models: one mode per round, traces apart from answers (issue 18 item 2) ----------
+
+
+@pytest.fixture(scope="module")
+def thinking_arena(broken_door, tmp_path_factory):
+    """An arena over three of BrokenDoor's models that always answer: "whole" (does not think),
+    "thinker" (qwen3) and "ponderer" (deepseek_r1, always thinks); rounds start with thinking on."""
+    proc = start_arena(broken_door, tmp_path_factory.mktemp("thinking-arena"), "--models", "whole,thinker,ponderer",
+                       "--thinking", "on")
+    yield proc
+    proc.stop()
+
+
+def parts(chat_update: dict) -> tuple[dict | None, str]:
+    """The last reply of a Chatbot update as (its thought message or None, its answer's text)."""
+    *earlier, answer = chat_update["value"]
+    trace = earlier[-1] if earlier and (earlier[-1].get("metadata") or {}).get("title") else None
+    return trace, text(answer)
+
+
+def test_a_thinking_battle_shows_each_trace_collapsed_and_stores_its_mode(thinking_arena, broken_door):
+    client = thinking_arena.client()
+    final = stream(client.submit("Think first.", api_name="/battle_send"))[-1]  # the toggle's default: on
+    for side, chat in zip("AB", final):
+        trace, answer = parts(chat)
+        model = answer.split(" ")[0]
+        # Collapsed ("done"), titled with the usage's count (BrokenDoor: 2 per word), not the 3 deltas.
+        assert trace["metadata"] == {"title": "Thought for 6 tokens", "status": "done"}
+        assert text(trace).startswith(f"{model} thought ") and answer.startswith(f"{model} reply ")
+        assert chat["label"] == f"Model {side} (thinking on)"
+    revealed = client.predict(api_name="/battle_vote_a")
+    [battle] = thinking_arena.battles(client)
+    assert {battle.model_a, battle.model_b} == {"thinker", "ponderer"}  # "whole" does not think: never paired
+    assert battle.thinking is True and "both with thinking on" in revealed[-1]
+    assert battle.conversation_a[-1] == {"role": "assistant", "content": parts(final[0])[1],
+                                         "reasoning": text(parts(final[0])[0]), "reasoning_tokens": 6}
+
+    client.predict(api_name="/battle_new_round")
+    off = stream(client.submit("Answer now.", False, api_name="/battle_send"))[-1]
+    assert [parts(chat)[0] for chat in off[:2]] == [None, None]
+    assert [chat["label"] for chat in off[:2]] == ["Model A (thinking off)", "Model B (thinking off)"]
+    client.predict(api_name="/battle_vote_b")
+    battle = thinking_arena.battles(client)[-1]
+    assert {battle.model_a, battle.model_b} == {"whole", "thinker"}  # "ponderer" cannot answer without thinking
+    assert battle.thinking is False and "reasoning" not in battle.conversation_a[-1]
+    sent = {body["model"]: body for body in broken_door.bodies[-2:]}
+    assert sent["thinker"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "chat_template_kwargs" not in sent["whole"]  # a model that does not think gets no switch
+
+    boards = {mode: json.dumps(client.predict(mode, api_name="/leaderboard")) for mode in ("on", "off", "all")}
+    assert "ponderer" in boards["on"] and "whole" not in boards["on"]
+    assert "whole" in boards["off"] and "ponderer" not in boards["off"]
+    assert all(name in boards["all"] for name in ("whole", "thinker", "ponderer"))
+
+
+def test_side_by_side_runs_both_models_in_one_mode_and_keeps_regenerated_traces(thinking_arena, tmp_path):
+    from posttrain.ui.export import export_votes
+
+    client = thinking_arena.client()
+    with pytest.raises(AppError, match="whole does not think: turn thinking off"):
+        client.predict("Hi", "whole", "thinker", True, api_name="/side_by_side_send")
+    with pytest.raises(AppError, match="ponderer always thinks .* turn thinking on"):
+        client.predict("Hi", "whole", "ponderer", False, api_name="/side_by_side_send")
+    first = stream(client.submit("Hi", "thinker", "ponderer", True, api_name="/side_by_side_send"))[-1]
+    assert [chat["label"] for chat in first[:2]] == ["Model A (thinking on): thinker",
+                                                     "Model B (thinking on): ponderer"]
+    stream(client.submit(api_name="/side_by_side_regenerate"))
+    client.predict(api_name="/side_by_side_vote_a")
+    [battle] = thinking_arena.battles(client)
+    assert (battle.source, battle.thinking) == ("side-by-side", True)
+    trace, answer = parts(first[0])
+    assert battle.regenerated["a"] == [{"role": "assistant", "content": answer, "reasoning": text(trace),
+                                        "reasoning_tokens": 6}]
+
+    summary = export_votes(Store(thinking_arena.db_url), tmp_path / "prefs.jsonl", source="side-by-side")
+    pairs = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    weak = [p for p in pairs if p["meta"].get("weak")]
+    assert {p["rejected"][0]["reasoning"] for p in weak if p["meta"]["chosen_model"] == "thinker"} == {text(trace)}
+    assert summary.mismatched == 0 and all(p["meta"]["thinking"] is True for p in pairs)  # each side thought
+
+    # Flipping the mode starts a new round: its turns run, and are stored, in one mode.
+    off = stream(client.submit("Plainly.", "thinker", "thinker", False, api_name="/side_by_side_send"))[-1]
+    assert len(off[0]["value"]) == 2 and parts(off[0])[0] is None
+    assert off[0]["label"] == "Model A (thinking off): thinker"
 
 
 def test_new_pairs_are_drawn_more_often_and_sides_are_random():
@@ -302,3 +464,99 @@ def test_battle_in_headless_chromium(arena, front_door, artifacts, tmp_path):
         finally:
             browser.close()
     assert arena.battles()[-1].vote == "a"
+
+
+@pytest.mark.browser
+def test_a_thinking_battle_in_headless_chromium_shows_the_trace_collapsed(thinking_arena, artifacts, tmp_path):
+    """No engine: BrokenDoor's thinking models stream a trace, then an answer."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make browser` (apt-get install chromium) installs it")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"], viewport={"width": 1280, "height": 900})
+        try:
+            page = browser.new_page()
+            page.goto(thinking_arena.url)
+            expect(page.locator("#battle-thinking input")).to_be_checked(timeout=60_000)  # the configured default
+            page.locator("#battle-prompt textarea").fill("Think before you answer.")
+            page.locator("#battle-send").click()
+            expect(page.locator("#battle-vote-a")).to_be_enabled(timeout=60_000)
+            chats = [page.locator(f"#battle-chat-{side}") for side in "ab"]
+            for chat in chats:
+                expect(chat.get_by_text("Thought for 6 tokens")).to_be_visible()
+                expect(chat.get_by_text(re.compile(r"\w+ reply \d+"))).to_be_visible()  # the answer, shown
+                expect(chat.get_by_text(re.compile(r"\w+ thought \d+"))).to_have_count(0)  # the trace, collapsed
+            expect(page.locator("#battle-chat-a")).to_contain_text("thinking on")
+            page.screenshot(path=str(artifacts / "arena_thinking_collapsed.png"), full_page=True)
+            chats[0].get_by_text("Thought for 6 tokens").click()
+            expect(chats[0].get_by_text(re.compile(r"\w+ thought \d+"))).to_be_visible()
+            page.wait_for_timeout(1000)  # the accordion slides open: let the screenshot show it open
+            page.screenshot(path=str(artifacts / "arena_thinking_expanded.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+LEADERBOARD_MODELS = ["smollm2-135m-instruct", "smollm2-135m-instruct-sft", "smollm2-135m-instruct-sft-dpo-loop-1",
+                      "tiny-qwen3-lora-adapter-experimental-2026-01"]
+NEW_MODEL = "brand-new-model-after-one-loop-turn-dpo"
+
+
+def seeded_battles(db_url: str) -> None:
+    """80 battles among four long-named models, then a new model that won its only battle."""
+    rng = random.Random(0)
+    strength = [0, 40, 80, 20]
+    rows = []
+    for _ in range(80):
+        i, j = rng.sample(range(4), 2)
+        win = rng.random() < 1 / (1 + 10 ** ((strength[j] - strength[i]) / 400))
+        rows.append((LEADERBOARD_MODELS[i], LEADERBOARD_MODELS[j], "a" if win else "b"))
+    rows.append((NEW_MODEL, LEADERBOARD_MODELS[0], "a"))
+    with Store(db_url).session() as s:
+        s.add_all(Battle(session_hash="s", model_a=a, model_b=b, vote=v, source="arena") for a, b, v in rows)
+
+
+@pytest.mark.browser
+def test_leaderboard_tab_reads_well_in_headless_chromium(artifacts, tmp_path):
+    """The Leaderboard tab at a laptop's window size (issue 17 item 5). No engine: the arena
+    stands in front of BrokenDoor, which lists models; the ratings come from the store."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make browser` (apt-get install chromium) installs it")
+    from playwright.sync_api import expect, sync_playwright
+
+    db_url = f"sqlite:///{tmp_path / 'arena.db'}"
+    seeded_battles(db_url)
+    door = BrokenDoor()
+    arena = start_arena(door, tmp_path, db_url=db_url)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+                viewport={"width": 1280, "height": 800})
+            try:
+                page = browser.new_page()
+                page.goto(arena.url)
+                page.get_by_role("tab", name="Leaderboard").click()
+                table = page.locator("#leaderboard-table")
+                expect(table).to_contain_text(f"{NEW_MODEL} (provisional)", timeout=60_000)
+                plots = page.get_by_role("img", name=re.compile("plot visualising"))
+                expect(plots).to_have_count(2, timeout=30_000)
+                expect(page.locator("#leaderboard-notes")).to_contain_text("fewer than 10 battles")
+                shown = table.inner_text()
+                for header in ("Rank", "Model", "Rating", "95% CI", "Battles", "Online Elo"):
+                    assert header in shown
+                assert "bt_lo" not in shown and re.search(r"\+\d+ / -\d+", shown)
+                # The one-battle model is listed after every model with 34 to 47 battles.
+                assert all(shown.index(m) < shown.index(NEW_MODEL) for m in LEADERBOARD_MODELS)
+                for plot in plots.all():  # each plot fits its half of the window, legend included
+                    box = plot.bounding_box()
+                    assert box and 300 < box["width"] <= 640 and box["x"] + box["width"] <= 1280
+                page.screenshot(path=str(artifacts / "arena_leaderboard_tab.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        arena.stop()
+        door.stop()

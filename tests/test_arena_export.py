@@ -1,4 +1,4 @@
-"""Votes out of a real SQLite store: DPO export (filters, drops, ties file, atomic write), raw
+"""Votes out of a real store (SQLite and PostgreSQL): DPO export (filters, drops, ties file, atomic write), raw
 battles, and the `posttrain arena leaderboard` / `posttrain votes export` verbs."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def turn(prompt: str, reply: str, history: list | None = None) -> list[dict]:
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'votes.db'}")
+def store(db_url):
+    store = Store(db_url)
 
     def vote(a, b, conv_a, conv_b, v, source="arena", day=2):
         row = record_vote(store, session_hash="s", model_a=a, model_b=b, conversation_a=conv_a,
@@ -122,3 +122,43 @@ def test_cli_leaderboard_and_export(store, tmp_path):
     assert exported.returncode == 0 and "kept 3 preference pairs" in exported.stdout
     bad = cli("arena", "export", "--out", str(tmp_path / "x.jsonl"), "--format", "csv")
     assert bad.returncode == 2 and bad.stderr.startswith("posttrain: error: unknown export format 'csv'")
+
+
+def test_replies_regenerated_away_on_a_voted_turn_are_weak_rejections(db_url, tmp_path):
+    store = Store(db_url)
+    record_vote(store, session_hash="s", model_a="p", model_b="q", conversation_a=turn("hi", "Hello there!"),
+                conversation_b=turn("hi", "hey"), vote="tie", regenerated={"a": ["Go away.", "Hello there!"]})
+    summary = export_votes(store, tmp_path / "prefs.jsonl")
+    [pair] = lines(tmp_path / "prefs.jsonl")  # the tie is no pair; the reply identical to the final one is none
+    assert pair["chosen"] == [{"role": "assistant", "content": "Hello there!"}]
+    assert pair["rejected"] == [{"role": "assistant", "content": "Go away."}]
+    assert pair["meta"]["source"] == "arena-regenerate" and pair["meta"]["weak"] is True
+    assert pair["meta"]["chosen_model"] == pair["meta"]["rejected_model"] == "p"
+    assert summary.kept == 1 and summary.weak == 1 and "1 of them weak" in str(summary)
+    assert export_votes(store, tmp_path / "strong.jsonl", regenerated=False).kept == 0
+
+
+def test_a_thinking_replys_trace_is_kept_and_a_mismatched_pair_flagged(db_url, tmp_path):
+    from posttrain.train.data import DataSource, load
+
+    store = Store(db_url)
+    thought = {"role": "assistant", "content": "Four.", "reasoning": "2 + 2 = 4"}
+    older = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "reasoning": "greet"}]
+    record_vote(store, session_hash="s", model_a="thinker", model_b="plain", vote="a",
+                conversation_a=[*older, {"role": "user", "content": "2+2?"}, thought],
+                conversation_b=[*older, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}])
+    both = {"role": "assistant", "content": "Blue.", "reasoning_content": "the sky"}  # older vLLM's name
+    record_vote(store, session_hash="s", model_a="thinker", model_b="other", vote="b",
+                conversation_a=turn("colour?", "Red.")[:1] + [thought | {"content": "Red."}],
+                conversation_b=turn("colour?", "Blue.")[:1] + [both])
+    summary = export_votes(store, tmp_path / "prefs.jsonl")
+    mismatched, matched = lines(tmp_path / "prefs.jsonl")
+    assert mismatched["chosen"] == [thought] and mismatched["rejected"] == [{"role": "assistant", "content": "5"}]
+    assert mismatched["prompt"][1] == {"role": "assistant", "content": "hello"}  # earlier traces: as Qwen3 drops them
+    assert mismatched["meta"]["mode_mismatch"] is True and "mode_mismatch" not in matched["meta"]
+    assert matched["chosen"] == [{"role": "assistant", "content": "Blue.", "reasoning": "the sky"}]
+    assert summary.mismatched == 1 and "1 of them mode-mismatched" in str(summary)
+    rows = load([DataSource(path=str(tmp_path / "prefs.jsonl"))], "dpo").rows
+    assert rows[0]["chosen"][0]["content"] == "<think>\n2 + 2 = 4\n</think>\n\nFour."
+    dropped = export_votes(store, tmp_path / "prefs.jsonl", drop_mode_mismatch=True)
+    assert dropped.kept == 1 and dropped.dropped == {"mode-mismatched (one side thought, the other did not)": 1}

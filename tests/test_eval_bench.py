@@ -131,3 +131,25 @@ def test_a_standard_task_reads_its_local_copy_with_data_dir(registry, tiny):
     assert metrics[("gsm8k", "exact_match,strict-match")].n == 2
     sample = json.loads((result.samples_path / "gsm8k.jsonl").open().readline())
     assert sample["doc"]["question"].startswith("Janet") and result.run.config["data_dir"] == str(GSM8K.parent)
+
+
+def test_the_api_path_tokenizes_an_adapter_with_its_own_tokenizer(monkeypatch, tmp_path):
+    import lm_eval.api.registry
+
+    from posttrain.evaluate.bench import _api_lm
+    from posttrain.registry import Served
+
+    class Model:
+        @staticmethod
+        def create_from_arg_obj(args):
+            return args
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", lambda name: Model)
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    adapter.mkdir()
+    served = Served(base_path=str(base), adapter_path=str(adapter))
+    assert _api_lm(served, "m", "http://x/v1", None, chat=False, concurrency=1,
+                   batch_size=1)["tokenizer"] == str(base)
+    (adapter / "tokenizer_config.json").write_text("{}")  # saved with added tokens / its own template
+    assert _api_lm(served, "m", "http://x/v1", None, chat=False, concurrency=1,
+                   batch_size=1)["tokenizer"] == str(adapter)

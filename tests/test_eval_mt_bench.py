@@ -1,21 +1,25 @@
 """MT-Bench: question and judge-prompt files, verdict parsing, scoring, caching and battles.
 
 The judge here is `eval_judge_stub.JudgeStub`, a STAND-IN FOR A REMOTE GPT-4 JUDGE served over
-real HTTP (our tiny models only give unparsable verdicts); MT-Bench against a real vLLM
-server, judged by our own served model, with an interrupted run resumed, is in
-test_eval_served.py."""
+real HTTP (free-text verdicts with log-probabilities, as OpenAI's API gives them); MT-Bench
+against a real vLLM server, judged by our own served model, with an interrupted run resumed, is
+in test_eval_served.py, and constrained verdicts from real vLLM judges in test_eval_judge.py."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from eval_judge_stub import JUDGE, PREFERRED, JudgeStub
+from held_relay import HeldRelay
 
 from posttrain.errors import PosttrainError
-from posttrain.evaluate.mt_bench import pair_outcome, parse_rating, parse_winner, run_mt_bench
+from posttrain.evaluate.judge import pair_outcome, parse_rating, parse_winner
+from posttrain.evaluate.mt_bench import run_mt_bench
 from posttrain.evaluate.mt_bench_files import load_judge_prompts, load_questions
 from posttrain.store import Battle
 
@@ -110,10 +114,18 @@ def expected_rating(qid: int, turn: int) -> float:
     return max(1, qid % 9 + 1 - (turn - 1))
 
 
+def weighted_rating(qid: int, turn: int) -> float:
+    """The stub's rating weighted by its probabilities: 0.6 x the rating + 0.4 x its neighbour."""
+    rating = expected_rating(qid, turn)
+    return 0.6 * rating + 0.4 * (rating + 1 if rating < 9 else 8)
+
+
 def test_single_grading_scores_per_turn_and_category_and_counts_unparsable(stub, registry, tiny, tmp_path):
     result = run_mt_bench(tiny.name, judge_model=JUDGE, base_url=stub.base_url, cache_dir=tmp_path, parallel=4,
                           suite="stub-single", registry=registry)
-    assert (result.judgments, result.unparsable, result.errors, result.requests_sent) == (20, 2, 0, 40)
+    # 20 answers, 20 verdicts, and the probe: refused with structured outputs, then without.
+    assert (result.judgments, result.unparsable, result.errors, result.requests_sent) == (20, 2, 0, 42)
+    assert (result.run.config["verdict_format"], result.run.config["verdict_probabilities"]) == ("parsed", True)
     scores = {s.metric: s for s in result.scores}
     questions = [q for q in load_questions() if q.question_id != 1]  # question 1's verdicts are unparsable
     ratings = [expected_rating(q.question_id, t) for q in questions for t in (1, 2)]
@@ -122,6 +134,11 @@ def test_single_grading_scores_per_turn_and_category_and_counts_unparsable(stub,
     assert scores["score_turn2"].value == pytest.approx(statistics.fmean(expected_rating(q.question_id, 2) for q in questions))
     assert scores["score_math"].value == pytest.approx(statistics.fmean([5, 4, 6, 5]))  # questions 4 and 5
     assert "score_writing" not in scores  # question 1, the only writing one, got no parsable verdict
+    weighted = [weighted_rating(q.question_id, t) for q in questions for t in (1, 2)]
+    assert scores["expected_score"].value == pytest.approx(statistics.fmean(weighted)) and scores["expected_score"].n == 18
+    assert scores["expected_score_turn1"].value == pytest.approx(statistics.fmean(weighted_rating(q.question_id, 1)
+                                                                                  for q in questions))
+    assert all(r["rating_probs"] is None for r in result.records if r["question_id"] == 1)
     assert {s.task for s in result.scores} == {"mt_bench"} and result.run.status == "done"
     assert result.run.config["unparsable"] == 2 and result.run.lineage == [tiny.name]
 
@@ -154,6 +171,11 @@ def test_pairwise_asks_both_orders_and_writes_each_verdict_once_as_a_battle(stub
     assert counts == {"wins": 16, "ties": 2, "losses": 0, "inconsistent": 2}  # question 2: position bias
     scores = {s.metric: s for s in result.scores}
     assert scores["win_rate"].value == pytest.approx(17 / 18) and scores["win_rate"].n == 18
+    # P(win) + P(tie) / 2 from both orders: 0.7 + 0.2 / 2 where PREFERRED's answer won, and
+    # (0.7 + 0.1) / 2 + 0.2 / 2 on question 2, where both orders said A.
+    assert scores["expected_win_rate"].value == pytest.approx((16 * 0.8 + 2 * 0.5) / 18)
+    q2 = next(r for r in result.records if r["question_id"] == 2)
+    assert q2["outcome_probs"] == pytest.approx({"a": 0.4, "b": 0.4, "tie": 0.2})
     assert {s.task for s in result.scores} == {"mt_bench_vs_tiny-qwen3"}
     battles = registry.store.all(Battle, Battle.source == f"judge:{JUDGE}")
     assert len(battles) == result.battles == 18 and result.run.config["battle_source"] == f"judge:{JUDGE}" and sorted({b.vote for b in battles}) == ["a", "tie"]
@@ -178,3 +200,18 @@ def test_bad_input_fails_before_any_request(stub, registry, tiny, tmp_path):
     with pytest.raises(PosttrainError, match=r"cannot reach http://127.0.0.1:9/v1"):
         run_mt_bench(tiny.name, judge_model=JUDGE, base_url="http://127.0.0.1:9/v1", registry=registry)
     assert len(stub.requests) == sent
+
+
+def test_a_judge_gone_mid_run_is_a_one_line_error(stub, tiny, tmp_path):
+    # The error is raised inside the run's task group; it used to surface as an ExceptionGroup
+    # traceback with exit code 1.
+    relay = HeldRelay(stub.base_url, let_through=2, hang_up=True)
+    try:
+        run = subprocess.run([sys.executable, "-m", "posttrain", "eval", "mt-bench", "--model", tiny.name, "--judge",
+                              JUDGE, "--base-url", relay.base_url, "--limit", "2", "--cache-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        relay.stop()
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("posttrain: error: cannot reach ") and "Traceback" not in run.stderr, run.stderr

@@ -76,7 +76,16 @@ def test_sft_lora_registers_an_adapter_with_lineage_data_hash_and_card(registry,
 
 
 def test_sft_full_fine_tuning_with_packing_registers_a_full_checkpoint(registry, tiny):
-    row = train_sft(recipe(SFTRecipe, "output=tiny-sft-full", "method=full", "packing=true"), registry)
+    sft = recipe(SFTRecipe, "output=tiny-sft-full", "method=full", "packing=true")
+    prepared = prepare(sft, "sft", registry)
+    trainer = sft_trainer(sft, prepared)
+    tokenizer, packed = prepared.tokenizer, trainer.train_dataset
+    lengths = [min(len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]),
+                   256) for row in prepared.data.rows]
+    assert len(packed) < len(prepared.data.rows) == 64  # several conversations per training sequence
+    assert all(len(ids) <= 256 and sum(seq) == len(ids) for ids, seq in zip(packed["input_ids"], packed["seq_lengths"]))
+    assert sorted(n for seq in packed["seq_lengths"] for n in seq) == sorted(lengths)  # each one whole, once
+    row = finish(trainer, prepared, sft, stage="sft")
     assert (row.stage, row.kind) == ("sft", "full")
     assert (Path(row.path) / "model.safetensors").exists() and (Path(row.path) / "chat_template.jinja").exists()
 
@@ -95,10 +104,30 @@ def test_bf16_on_a_cpu_trains_with_autocast_over_fp32_weights(registry, tiny):
         prepare(recipe(SFTRecipe, "output=tiny-sft-fp16", "training.precision=fp16"), "sft", registry)
 
 
-def test_thinking_fusion_recipe_runs(registry, tiny):
-    row = train_sft(recipe(SFTRecipe, "output=tiny-fusion", path=str(ROOT / "recipes/sft-thinking-fusion.yaml")),
-                    registry)
-    assert [d["path"].rsplit("/", 1)[-1] for d in row.datasets] == ["thinking.jsonl", "chat.jsonl"]
+def test_thinking_fusion_recipe_trains_on_both_modes(registry, tiny):
+    from posttrain.registry import file_sha256
+    from posttrain.train.data import EMPTY_THINK, builtin_dir
+
+    fusion = recipe(SFTRecipe, "output=tiny-fusion", path=str(ROOT / "recipes/sft-thinking-fusion.yaml"))
+    prepared = prepare(fusion, "sft", registry)
+    trainer = sft_trainer(fusion, prepared)
+    modes = []
+    for example in trainer.train_dataset:
+        text = prepared.tokenizer.decode(example["input_ids"])
+        learned = prepared.tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
+                                             if label != -100])
+        mode = "think" if " /think<|im_end|>" in text else "no_think" if " /no_think<|im_end|>" in text else None
+        modes.append(mode)
+        if mode == "think":  # its trace is learned, right after the switch
+            assert learned.startswith("<think>\n") and not learned.startswith(EMPTY_THINK), learned[:80]
+        else:  # an empty think block is learned before the direct answer
+            assert EMPTY_THINK in learned, learned[:80]
+    assert modes.count("think") == 24 and modes.count("no_think") == 24  # all of thinking.jsonl, chat's limit
+    assert modes[:24] != ["think"] * 24  # the two sources are interleaved
+    row = finish(trainer, prepared, fusion, stage="sft")
+    assert row.datasets == [{"path": str(builtin_dir() / name), "sha256": file_sha256(builtin_dir() / name)}
+                            for name in ("thinking.jsonl", "chat.jsonl")]
+    assert [(d["thinking"], d["limit"]) for d in row.recipe["data"]] == [("think", None), ("no_think", 24)]
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(registry, tiny):
@@ -165,6 +194,30 @@ def test_merged_logits_equal_the_adapters(registry, tiny):
         merge(tiny.name, registry=registry)
 
 
+def test_merge_saves_a_transformers_4_bf16_base_in_bf16(registry, tiny, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny.path, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny.path).save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # the key transformers 4.x wrote
+    assert config["torch_dtype"] == "bfloat16"
+    (base / "config.json").write_text(json.dumps(config))
+    registry.add("tiny-bf16-v4", base, stage="base")
+    lora = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(tmp_path / "lora")
+    registry.add("tiny-bf16-v4-lora", tmp_path / "lora", stage="sft", kind="adapter", parent="tiny-bf16-v4")
+    merged = merge("tiny-bf16-v4-lora", registry=registry)
+    with safe_open(Path(merged.path) / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
+    assert merged.recipe["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(has_cuda(), reason="on a CUDA machine qlora runs")
 def test_qlora_without_cuda_says_what_it_needs(registry, tiny):
     with pytest.raises(PosttrainError, match="qlora .* needs a CUDA GPU"):
         train_sft(recipe(SFTRecipe, "output=tiny-qlora", "method=qlora"), registry)

@@ -160,3 +160,54 @@ def test_rewards_by_name():
     assert rewards.make("length_penalty", max_chars=2)(["abcd"]) == [-1.0]
     with pytest.raises(PosttrainError, match="unknown reward 'nope'"):
         rewards.make("nope")
+
+
+def test_csv_cells_are_text_and_errors_name_the_line(tmp_path):
+    path = tmp_path / "pc.csv"
+    path.write_text('prompt,completion\nWhat is 6 x 7?,42\n"Say ""hi""\non two lines",hi\n,\n')
+    rows = load([DataSource(path=str(path))], "sft").rows
+    assert rows[0]["messages"][1] == {"role": "assistant", "content": "42"}  # not the number 42
+    assert rows[1]["messages"][0]["content"] == 'Say "hi"\non two lines'
+    path.write_text('prompt,completion\n"a\nb",c\nq\n')
+    with pytest.raises(PosttrainError, match=rf"^{path}:4: 1 cells, but the header names 2 columns$"):
+        load([DataSource(path=str(path))], "sft")
+
+
+def test_a_saved_datasets_folder_is_hashed_into_the_lineage(fresh_registry, tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list([json.loads(CHAT)] * 2).save_to_disk(str(folder))
+    data = load([DataSource(path=str(folder))], "sft")
+    assert len(data.rows) == 2 and data.sources == [folder]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    row = fresh_registry.add("m", tmp_path / "m", stage="sft", datasets=data.sources)
+    assert row.datasets[0]["path"] == str(folder) and len(row.datasets[0]["sha256"]) == 64
+
+
+class FakeBuilder:
+    """What `datasets.load_dataset_builder` gives for a Hub dataset, without the Hub."""
+
+    def __init__(self, name, hash):
+        self.hash = hash
+
+    def download_and_prepare(self):
+        pass
+
+    def as_dataset(self, split):
+        import datasets
+
+        return datasets.Dataset.from_list([json.loads(CHAT)])
+
+
+@pytest.mark.parametrize("hash, lineage", [
+    ("0123456789abcdef0123456789abcdef01234567", {"revision": "0123456789abcdef0123456789abcdef01234567"}),
+    (None, {"unhashed": "datasets did not say which Hub commit it read"}),
+])
+def test_a_hub_dataset_records_its_revision_or_says_unhashed(monkeypatch, hash, lineage):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda name: FakeBuilder(name, hash))
+    data = load([DataSource(path="org/chat")], "sft")
+    assert data.sources == [{"path": "org/chat", "split": "train", **lineage}]

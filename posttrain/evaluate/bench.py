@@ -33,6 +33,7 @@ import yaml
 
 from posttrain.errors import PosttrainError
 from posttrain.evaluate.endpoint import check_serves
+from posttrain.evaluate.modes import modes, request_body, task_name, token_scores
 from posttrain.evaluate.runs import Score, finish_run, recorded_run, write_samples
 from posttrain.registry import Registry, Served
 from posttrain.store import EvalRun, EvalScore
@@ -40,6 +41,13 @@ from posttrain.store import EvalRun, EvalScore
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_PACK = "posttrain_offline"
 CHAT_FLAG = "posttrain_chat"
+# Ours that replace lm-eval's code benchmarks of the same name (those exec the model's code in the
+# evaluating process; ours run it in posttrain.sandbox) and take --data-dir as their loader's
+# `local_copy`.
+SANDBOXED = ("humaneval",)
+# Prompts per request through the API: one round trip through the front door and vLLM's API
+# server for several prompts, which the engine batches anyway.
+API_BATCH = 8
 Backend = Literal["auto", "api", "hf", "vllm"]
 BACKENDS = ("auto", "api", "hf", "vllm")
 
@@ -65,16 +73,16 @@ def go_offline() -> None:
 
 class _DropExpectedWarnings(logging.Filter):
     """lm-eval warns about things posttrain does on purpose: a `custom_dataset` loader without
-    `--metadata` and an overridden max_gen_toks."""
+    `--metadata`, an overridden max_gen_toks, and our SANDBOXED tasks replacing lm-eval's."""
 
-    EXPECTED = ("Custom kwargs can be passed", "specified through cli")
+    EXPECTED = ("Custom kwargs can be passed", "specified through cli", "overrides existing task from")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in self.EXPECTED)
 
 
 def _quiet_lm_eval() -> None:
-    for name in ("lm_eval.api.task", "lm_eval.evaluator"):
+    for name in ("lm_eval.api.task", "lm_eval.evaluator", "lm_eval.tasks._index"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropExpectedWarnings) for f in logger.filters):
             logger.addFilter(_DropExpectedWarnings())
@@ -87,6 +95,7 @@ def known_tasks(standard: bool = True) -> list[str]:
 
 def _task_manager(standard: bool, overlay: Path | None = None):
     go_offline()
+    _quiet_lm_eval()
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR)] + ([str(overlay)] if overlay else [])
@@ -99,21 +108,28 @@ def resolve_tasks(names: list[str], data_dir: str | Path | None, stack: ExitStac
     standard task or group that has a local copy there (`DATA_DIR/<name>` or
     `DATA_DIR/<last part of its dataset_path>`: a folder of `<split>.jsonl|parquet|...` files
     or a dataset repo snapshot) is wrapped in a one-member group that overrides its
-    `dataset_path` (a YAML overlay lm-eval merges like any task config)."""
+    `dataset_path` (a YAML overlay lm-eval merges like any task config); our SANDBOXED tasks
+    get it as their loader's `local_copy`. lm-eval's tasks that exec the model's code are refused."""
     ours = _task_manager(standard=False)
-    if all(name in ours.all_tasks for name in names):
+    standard = any(name not in ours.all_tasks for name in names)
+    copied = [name for name in names if name not in ours.all_tasks or name in SANDBOXED]
+    if not standard and (data_dir is None or not copied):
         return ours, names
-    manager = _task_manager(standard=True)
+    manager = _task_manager(standard=True) if standard else ours
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise PosttrainError(_unknown_tasks_message(unknown, ours.all_tasks, manager.all_tasks))
+    unsafe = [name for name in names if (manager.task_index[name].cfg or {}).get("unsafe_code")]
+    if unsafe:
+        raise PosttrainError(f"{', '.join(unsafe)}: lm-eval would run the model's code in this process; posttrain "
+                             f"runs model code only in its sandbox, in these tasks: {', '.join(SANDBOXED)}")
     if data_dir is None:
         return manager, names
     data_dir = Path(data_dir).expanduser().absolute()
     if not data_dir.is_dir():
         raise PosttrainError(f"--data-dir {data_dir}: no such folder")
     overlays, missing = {}, []
-    for name in (n for n in names if n not in ours.all_tasks):
+    for name in copied:
         entry = manager.task_index[name]
         kind = entry.kind.name
         if kind not in ("TASK", "GROUP"):
@@ -122,9 +138,12 @@ def resolve_tasks(names: list[str], data_dir: str | Path | None, stack: ExitStac
         if local is None:
             missing.append(name)
             continue
-        member = {kind.lower(): name, "dataset_path": str(local)}
-        if kind == "TASK" and not (local / "README.md").exists():
-            member["dataset_name"] = None  # plain data files carry no named configs
+        if name in SANDBOXED:
+            member = {"task": name, "dataset_kwargs": {"local_copy": str(local)}}
+        else:
+            member = {kind.lower(): name, "dataset_path": str(local)}
+            if kind == "TASK" and not (local / "README.md").exists():
+                member["dataset_name"] = None  # plain data files carry no named configs
         overlays[name] = {"group": f"{name}@local", "task": [member]}
     if missing:
         raise PosttrainError(f"--data-dir {data_dir}: no local copy of {', '.join(missing)} (expected a "
@@ -132,7 +151,8 @@ def resolve_tasks(names: list[str], data_dir: str | Path | None, stack: ExitStac
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="posttrain-tasks-")))
     for name, config in overlays.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return _task_manager(standard=True, overlay=folder), [overlays[n]["group"] if n in overlays else n for n in names]
+    loaded_names = [overlays[n]["group"] if n in overlays else n for n in names]
+    return _task_manager(standard=standard, overlay=folder), loaded_names
 
 
 def _local_copy(data_dir: Path, name: str, config: dict[str, Any]) -> Path | None:
@@ -152,41 +172,57 @@ def _unknown_tasks_message(unknown: list[str], ours: list[str], every: list[str]
             f"truthfulqa_mc2, gsm8k, humaneval; `posttrain eval tasks` lists them all)")
 
 
-def _split_chat(manager, names: list[str]) -> dict[bool, list]:
+def _split_chat(manager, names: list[str], generation_as_chat: bool = False) -> dict[bool, list]:
     """Loaded tasks (and whole groups, where all their tasks agree) keyed by whether they go
-    through the chat template."""
+    through the chat template: chat tasks, and with `generation_as_chat` every generation task
+    (a thinking mode reaches the model only through its chat template)."""
     parts: dict[bool, list] = {False: [], True: []}
     for name in names:
         try:  # builds the tasks, which loads their data
             loaded = manager.load([name])
+        except PosttrainError:  # our loaders' own one-line errors (a bad data file, no sandbox)
+            raise
         except Exception as exc:  # noqa: BLE001 - datasets raises anything from ConnectionError to ValueError
             first_line = (str(exc) or type(exc).__name__).splitlines()[0]
             raise PosttrainError(f"task {name}: cannot load its data: {first_line}; offline, point --data-dir at a "
                                  f"local copy (or export HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 to download)") from None
         top = loaded["groups"].get(name) or loaded["tasks"][name]
         leaves = list(loaded["tasks"].values())
-        flags = {bool((t.config.metadata or {}).get(CHAT_FLAG)) for t in leaves}
+
+        def chat(task) -> bool:
+            return bool((task.config.metadata or {}).get(CHAT_FLAG)) or (
+                generation_as_chat and task.config.output_type == "generate_until")
+
+        flags = {chat(t) for t in leaves}
         if len(flags) == 1:
             parts[flags.pop()].append(top)
         else:  # a mixed group (like our pack) runs as its tasks; it has no aggregate to lose
             for task in leaves:
-                parts[bool((task.config.metadata or {}).get(CHAT_FLAG))].append(task)
+                parts[chat(task)].append(task)
     return parts
 
 
-def _api_lm(served: Served, model: str, base_url: str, api_key: str | None, chat: bool, concurrency: int):
+def _api_lm(served: Served, model: str, base_url: str, api_key: str | None, chat: bool, concurrency: int,
+            batch_size: int, thinking: str | None = None, mode: bool | None = None):
+    """lm-eval's API backend for `model`; a thinking model (format `thinking`) chats in `mode`
+    (None: its served default) through `ThinkingChat`, which scores the answer after the trace."""
     from lm_eval.api.registry import get_model
 
     args: dict[str, Any] = {
-        "model": model, "num_concurrent": concurrency, "max_retries": 3, "timeout": 600,
+        "model": model, "num_concurrent": concurrency, "batch_size": batch_size, "max_retries": 3, "timeout": 600,
         "header": {"Authorization": f"Bearer {api_key}"} if api_key else {},
     }
     if chat:
-        # The server applies the model's chat template; lm-eval sends messages.
-        args |= {"base_url": f"{base_url}/chat/completions", "tokenizer_backend": None}
+        # The server applies the model's chat template; lm-eval sends messages, one conversation
+        # per request (its chat backend cannot batch them).
+        args |= {"base_url": f"{base_url}/chat/completions", "tokenizer_backend": None, "batch_size": 1}
+        if thinking is not None:
+            from posttrain.evaluate.thinking_chat import ThinkingChat
+
+            return ThinkingChat.create_from_arg_obj(args | {"thinking": mode, "body": request_body(mode, thinking)})
         return get_model("local-chat-completions").create_from_arg_obj(args)
     # Log-likelihoods need token boundaries: tokenize locally with the checkpoint's tokenizer.
-    args |= {"base_url": f"{base_url}/completions", "tokenizer": served.base_path,
+    args |= {"base_url": f"{base_url}/completions", "tokenizer": served.tokenizer_path,
              "tokenizer_backend": "huggingface"}
     return get_model("local-completions").create_from_arg_obj(args)
 
@@ -239,6 +275,7 @@ def run_bench(
     dtype: str | None = None,
     bootstrap_iters: int = 1000,
     suite: str = "bench",
+    thinking: str | None = None,
     registry: Registry | None = None,
 ) -> BenchResult:
     """Evaluate a registered checkpoint on lm-eval tasks and store every score.
@@ -250,21 +287,30 @@ def run_bench(
       "through the server", none means in-process `hf`. `backend="vllm"` runs vLLM in-process.
     - `limit`: at most this many samples per task (smoke runs); `num_fewshot` overrides the
       tasks' own; `max_gen_toks` caps generated tokens of generation tasks.
-    - `batch_size` (in-process), `concurrency` (requests in flight through the API).
+    - `batch_size`: in-process, the batch; through the API, prompts per request (default
+      API_BATCH); `concurrency`: requests in flight through the API.
     - `data_dir`: local copies of standard tasks' datasets (see `resolve_tasks`).
     - `device` / `dtype` (in-process; default cuda + auto, or cpu + float32 like the CPU engine);
       `bootstrap_iters`: lm-eval's bootstrap for stderrs of metrics that are not means (BLEU...).
     - `suite`: the label the report compares runs by (same model + suite + task + metric).
+    - `thinking`: "on", "off" or "both", through the API only: generation tasks go through the
+      chat template once per mode (the mode reaches the model there), scored on the answer after
+      the trace and stored as `TASK@think` / `TASK@no_think` with the tokens spent (`modes.py`);
+      log-likelihood tasks generate nothing to think about and run once, under their own names.
 
     Returns a `BenchResult`; the EvalRun is "done" with scores, or "failed" if this raised.
     """
     registry = registry or Registry()
     row = registry.get(model)
     served = registry.served(model)
+    wanted = modes(thinking, model, row.thinking)
     if backend not in BACKENDS:
         raise PosttrainError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     if backend == "auto":
         backend = "api" if base_url else "hf"
+    if wanted != [None] and backend != "api":
+        raise PosttrainError(f"--thinking {thinking} evaluates through the served model, whose reasoning parser "
+                             f"returns the trace apart from the answer: pass --base-url")
     if backend == "vllm":
         _check_vllm_detectable()
     if backend == "api":
@@ -284,22 +330,28 @@ def run_bench(
             "tasks": names, "backend": backend, "base_url": base_url if backend == "api" else None,
             "limit": limit, "num_fewshot": num_fewshot, "max_gen_toks": max_gen_toks, "data_dir":
             str(data_dir) if data_dir else None, "checkpoint": {"path": row.path, "created_at": str(row.created_at)},
+            "thinking": thinking,
         }
-        parts = _split_chat(manager, load_names)
+        parts = _split_chat(manager, load_names, generation_as_chat=wanted != [None])
         with recorded_run(registry, model, suite, config, f"lm-eval {lm_eval.__version__}") as run:
             shared = None if backend == "api" else _in_process_lm(served, backend, batch_size, device, dtype)
-            results: dict[str, Any] = {}
-            for chat, objects in parts.items():
-                if not objects:
-                    continue
-                lm = shared if shared is not None else _api_lm(served, model, base_url, api_key, chat, concurrency)
-                out = lm_eval.simple_evaluate(
+
+            def lm_for(chat: bool, mode: bool | None):
+                return shared if shared is not None else _api_lm(served, model, base_url, api_key, chat, concurrency,
+                                                                 batch_size or API_BATCH, row.thinking, mode)
+
+            def evaluate(lm, objects: list, chat: bool) -> dict[str, Any]:
+                return lm_eval.simple_evaluate(
                     model=lm, tasks=objects, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                     gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None, log_samples=True,
                     apply_chat_template=chat, fewshot_as_multiturn=chat, bootstrap_iters=bootstrap_iters)
-                _merge(results, out)
+
+            results, spent = _evaluate_parts(parts, wanted, lm_for, evaluate)
             samples = results.pop("samples", {})
             scores, higher = _scores(results)
+            scores += spent
+            for s in spent:  # fewer tokens for the same score is better (never flagged: modes.COST_METRICS)
+                higher.setdefault(s.task, {})[s.metric] = False
             path = write_samples(registry, run, {f"{task}.jsonl": rows for task, rows in samples.items()},
                                  default=_json_default)
             rows = finish_run(registry.store, run, scores, path, {
@@ -307,6 +359,43 @@ def run_bench(
                 "n_shot": results.get("n-shot", {}),
             })
     return BenchResult(run=run, scores=rows, samples_path=path, results=results)
+
+
+def _evaluate_parts(parts: dict[bool, list], wanted: list[bool | None], lm_for,
+                    evaluate) -> tuple[dict[str, Any], list[Score]]:
+    """lm-eval's merged output over the parts (`_split_chat`): plain-text tasks once, chat tasks
+    once per thinking mode, their tasks named for the mode and the tokens they spent scored."""
+    from posttrain.evaluate.thinking_chat import tokens_spent
+
+    results: dict[str, Any] = {}
+    spent: list[Score] = []
+    for chat, objects in parts.items():
+        for mode in (wanted if chat else [None]) if objects else []:
+            lm = lm_for(chat, mode)
+            out = evaluate(lm, objects, chat)
+            if mode is not None:
+                out = _with_mode(out, mode)
+                spent += [score for task, rows in out.get("samples", {}).items()
+                          for score in token_scores(task, tokens_spent(rows, lm.spent))]
+            _merge(results, out)
+    return results, spent
+
+
+# The parts of lm-eval's output keyed by task name.
+TASK_KEYED = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+              "samples", "task_hashes")
+
+
+def _with_mode(out: dict[str, Any], mode: bool) -> dict[str, Any]:
+    """lm-eval's output with every task (and group member) named for the mode it ran in."""
+    renamed = dict(out)
+    for key in TASK_KEYED:
+        if isinstance(out.get(key), dict):
+            renamed[key] = {task_name(task, mode): value for task, value in out[key].items()}
+    if "group_subtasks" in renamed:
+        renamed["group_subtasks"] = {group: [task_name(t, mode) for t in members]
+                                     for group, members in renamed["group_subtasks"].items()}
+    return renamed
 
 
 def _merge(into: dict[str, Any], out: dict[str, Any]) -> None:

@@ -1,5 +1,9 @@
 """The nightly report as one self-contained HTML file (inline CSS, plots embedded as base64 PNG,
-no scripts, no external requests: it can be mailed or archived as is) and as Markdown for CI logs."""
+no scripts, no external requests: it can be mailed or archived as is) and as Markdown for CI logs.
+
+Each score says what kind it is (a benchmark's, a judge's verdicts, a judge's probability-weighted
+verdicts, a judge's agreement with people) and, where a judge produced it, how far that judge
+agrees with human votes."""
 
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ import io
 import math
 import re
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+from posttrain.evaluate.modes import COST_METRICS, LABEL, SIDE_BY_SIDE_HEADER, side_by_side, side_by_side_cells, \
+    split_task
 
 if TYPE_CHECKING:
     from posttrain.evaluate.report import NightlyReport
 
 MT_BENCH_CATEGORY = re.compile(r"^score_(?!turn\d)(.+)$")
-BREAKDOWN = re.compile(r"^(score|win_rate)_")
+BREAKDOWN = re.compile(r"^(expected_)?(score|win_rate)_")
 MAX_TREND_PLOTS = 12  # score-over-time panels; the table still lists every score
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -41,6 +48,28 @@ def _delta(row: dict[str, Any], kind: str) -> tuple[str, bool]:
     return f"{row['value'] - ref['value']:+.4f}", kind in row.get("regressed", [])
 
 
+def _kind(row: dict[str, Any]) -> str:
+    from posttrain.evaluate.judge_agreement import TASK
+
+    if row["task"] == TASK:
+        return "judge vs humans"
+    if row["metric"] in COST_METRICS:
+        return "tokens spent"
+    if not row.get("judge"):
+        return "benchmark"
+    return "judge, probability-weighted" if row["metric"].startswith("expected_") else "judge verdicts"
+
+
+def _agreement_note(report: NightlyReport, judge: str | None) -> tuple[str, bool]:
+    """(what a judge's score says about the judge's agreement with people, whether to warn)."""
+    if not judge:
+        return "", False
+    agreement = report.agreements.get(judge)
+    if agreement is None:
+        return f"{judge}: not measured", True
+    return agreement.short(), agreement.near_chance
+
+
 def _summary_lines(report: NightlyReport) -> list[str]:
     cfg = report.config
     lines = [f"{len(report.regressions)} regression(s) beyond {cfg.threshold:g} x stderr "
@@ -48,7 +77,30 @@ def _summary_lines(report: NightlyReport) -> list[str]:
     lines += [f"REGRESSION {r}" for r in report.regressions]
     lines += [f"FAILED {f}" for f in report.failures]
     lines += [f"NO SCORE {u}" for u in report.unscored]
+    for judge in report.judges:
+        if (agreement := report.agreements.get(judge)) is None:
+            lines.append(f"JUDGE {judge}: agreement with human votes never measured "
+                         f"(`posttrain eval judge-agreement --judge {judge}`)")
+        elif agreement.near_chance:
+            lines.append(f"JUDGE WARNING {agreement.summary()}")
     return lines
+
+
+def _agreement_rows(report: NightlyReport) -> list[list[str]]:
+    """One row per judge in the report: source, battles and each metric with its interval."""
+    from posttrain.evaluate.judge_agreement import METRICS
+
+    rows = []
+    for judge in report.judges:
+        if (a := report.agreements.get(judge)) is None:
+            rows.append([judge, "-", "-", *["-"] * len(METRICS), "never measured"])
+        else:
+            rows.append([judge, a.source, str(a.battles), *[a.text(m) for m in METRICS],
+                         "indistinguishable from chance" if a.near_chance else ""])
+    return rows
+
+
+AGREEMENT_HEADER = ["judge", "votes", "battles", "with ties", "without ties", "Cohen's kappa", "position bias", "note"]
 
 
 def render_markdown(report: NightlyReport) -> str:
@@ -56,22 +108,68 @@ def render_markdown(report: NightlyReport) -> str:
     out += [f"- {line}" for line in _summary_lines(report)]
     if report.config.baseline:
         out.append(f"- baseline: {report.config.baseline}")
-    out += ["", "| model | suite | task | metric | value | stderr | n | vs previous | vs baseline |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    out += ["", "| model | suite | task | metric | kind | value | stderr | n | vs previous | vs baseline | judge vs humans |",
+            "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in report.rows:
         cells = []
         for kind in ("previous", "baseline"):
             text, bad = _delta(row, kind)
             cells.append(f"**{text} REGRESSION**" if bad else text)
-        out.append(f"| {row['model']} | {row['suite']} | {row['task']} | {row['metric']} | {_fmt(row['value'])} | "
-                   f"{_fmt(row['stderr'])} | {row['n'] or '-'} | {cells[0]} | {cells[1]} |")
+        note, warn = _agreement_note(report, row.get("judge"))
+        out.append(f"| {row['model']} | {row['suite']} | {row['task']} | {row['metric']} | {_kind(row)} | "
+                   f"{_fmt(row['value'])} | {_fmt(row['stderr'])} | {row['n'] or '-'} | {cells[0]} | {cells[1]} | "
+                   f"{f'**{note}**' if warn else note} |")
     if not report.rows:
-        out.append("| (no stored scores for these models and suites) | | | | | | | | |")
-    for label, board in report.arena.items():
-        out += ["", f"## {label}", "", "| model | elo | BT (95% interval) | battles |", "| --- | ---: | ---: | ---: |"]
-        out += [f"| {b.model} | {b.elo:.0f} | {b.bt:.0f} ({b.bt_lo:.0f}-{b.bt_hi:.0f}) | {b.battles} |"
-                for b in board.itertuples()]
+        out.append("| (no stored scores for these models and suites) | | | | | | | | | | |")
+    if thinking := _thinking_rows(report):
+        out += ["", "## Thinking vs not thinking", "", THINKING_NOTE, "",
+                "| " + " | ".join(["model", "suite", *SIDE_BY_SIDE_HEADER]) + " |",
+                "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        out += ["| " + " | ".join(cells) + " |" for cells in thinking]
+    if report.judges:
+        out += ["", "## Judge agreement with human votes", "", _anchors(),
+                "", "| " + " | ".join(AGREEMENT_HEADER) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        out += ["| " + " | ".join(cells) + " |" for cells in _agreement_rows(report)]
+    for label, table, notes in _arena_boards(report):
+        out += ["", f"## {label}", "", "| " + " | ".join(table.columns) + " |",
+                "| " + " | ".join("---" if c == "Model" else "---:" for c in table.columns) + " |"]
+        out += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+        out += [f"\n{line}" for line in [*notes, *_board_judges(report, label)]]
     return "\n".join(out) + "\n"
+
+
+THINKING_NOTE = ("Scores measured in thinking modes (`--thinking`; the latest run's) side by side, with the tokens "
+                 "spent per sample: the whole reply, and of it the trace. Judges saw only the answers.")
+
+
+def _thinking_rows(report: NightlyReport) -> list[list[str]]:
+    """Cells of the thinking-vs-not table: headline metrics only (MT-Bench's per-turn and
+    per-category breakdowns stay in the scores table)."""
+    return [[e["model"], e["suite"], *side_by_side_cells(e)] for e in side_by_side(report.rows)
+            if not BREAKDOWN.match(e["metric"])]
+
+
+def _arena_boards(report: NightlyReport) -> Iterator[tuple[str, Any, list[str]]]:
+    """(label, the leaderboard as people read it, how to read it) of each set of ratings."""
+    from posttrain.ui.ratings import board_notes, readable
+
+    for label, board in report.arena.items():
+        yield label, readable(board), board_notes(board, report.config.min_battles)
+
+
+def _anchors() -> str:
+    from posttrain.evaluate.judge_agreement import ANCHORS
+
+    return f"Agreement with the human vote on the same battles, 95% bootstrap intervals. {ANCHORS}."
+
+
+def _board_judges(report: NightlyReport, label: str) -> list[str]:
+    """Under the judge-verdict ratings: how far each judge behind them agrees with people."""
+    from posttrain.evaluate.report import JUDGE_BOARD
+
+    if label != JUDGE_BOARD:
+        return []
+    return [f"Judge {note}" for note, _ in (_agreement_note(report, j) for j in report.battle_judges)]
 
 
 def _png(fig) -> str:
@@ -91,8 +189,10 @@ def _mt_bench_chart(report: NightlyReport) -> str:
 
     scores: dict[str, dict[str, float]] = {}
     for row in report.rows:
-        if row["task"] == "mt_bench" and (m := MT_BENCH_CATEGORY.match(row["metric"])):
-            scores.setdefault(row["model"], {})[m.group(1)] = row["value"]
+        task, mode = split_task(row["task"])
+        if task == "mt_bench" and (m := MT_BENCH_CATEGORY.match(row["metric"])):
+            label = row["model"] if mode is None else f"{row['model']} ({LABEL[mode]})"  # one line per mode
+            scores.setdefault(label, {})[m.group(1)] = row["value"]
     baseline = report.config.baseline
     if baseline:
         latest = {}
@@ -137,8 +237,8 @@ def _trend_charts(report: NightlyReport) -> str:
     series: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
     for h in report.history:
         series.setdefault((h["suite"], h["task"], h["metric"]), {}).setdefault(h["model"], []).append(h)
-    # Headline metrics first, then MT-Bench's per-turn / per-category breakdowns.
-    shown = sorted(series, key=lambda k: (BREAKDOWN.match(k[2]) is not None,
+    # Headline metrics first, then MT-Bench's per-turn / per-category breakdowns and tokens spent.
+    shown = sorted(series, key=lambda k: (BREAKDOWN.match(k[2]) is not None or k[2] in COST_METRICS,
                                           -max(len(v) for v in series[k].values())))[:MAX_TREND_PLOTS]
     if not shown:
         return ""
@@ -172,13 +272,16 @@ def _score_rows(report: NightlyReport) -> list[str]:
     html_rows = []
     for row in report.rows:
         cells = [f'<td class="name">{escape(str(row[k]))}</td>' for k in ("model", "suite", "task", "metric")]
-        cells += [f"<td>{_fmt(row['value'])}</td>", f"<td>{_fmt(row['stderr'])}</td>", f"<td>{row['n'] or '-'}</td>"]
+        cells += [f'<td class="name">{escape(_kind(row))}</td>', f"<td>{_fmt(row['value'])}</td>",
+                  f"<td>{_fmt(row['stderr'])}</td>", f"<td>{row['n'] or '-'}</td>"]
         for kind in ("previous", "baseline"):
             text, bad = _delta(row, kind)
             ref = row.get(kind)
             title = f' title="{escape(kind)}: {_fmt(ref["value"])} (run #{ref["run_id"]})"' if ref else ""
             css = "bad" if bad else ("muted" if text in ("-", "+0.0000", "-0.0000") else "")
             cells.append(f'<td class="{css}"{title}>{escape(text)}{" REGRESSION" if bad else ""}</td>')
+        note, warn = _agreement_note(report, row.get("judge"))
+        cells.append(f'<td class="name{" bad" if warn else ""}">{escape(note)}</td>')
         html_rows.append(f"<tr>{''.join(cells)}</tr>")
     return html_rows
 
@@ -199,16 +302,28 @@ def render_html(report: NightlyReport) -> str:
         f"baseline: {escape(cfg.baseline or 'none')}. Deltas compare each model's latest run of a suite with its "
         f"previous run and with the baseline's latest run of the same suite.</p>",
         "<h2>Scores</h2>",
-        _table(["model", "suite", "task", "metric", "value", "stderr", "n", "vs previous", "vs baseline"],
-               _score_rows(report)) if report.rows else "<p>No stored scores for these models and suites.</p>",
+        _table(["model", "suite", "task", "metric", "kind", "value", "stderr", "n", "vs previous", "vs baseline",
+                "judge vs humans"], _score_rows(report)) if report.rows else
+        "<p>No stored scores for these models and suites.</p>",
     ]
+    if thinking := _thinking_rows(report):
+        rows = [f"<tr>{''.join(f'<td class=name>{escape(c)}</td>' for c in cells[:4])}"
+                f"{''.join(f'<td>{escape(c)}</td>' for c in cells[4:])}</tr>" for cells in thinking]
+        parts += ["<h2>Thinking vs not thinking</h2>", f"<p>{escape(THINKING_NOTE)}</p>",
+                  _table(["model", "suite", *SIDE_BY_SIDE_HEADER], rows)]
+    if report.judges:
+        rows = [f"<tr>{''.join(f'<td class=name>{escape(c)}</td>' for c in cells[:2])}"
+                f"{''.join(f'<td>{escape(c)}</td>' for c in cells[2:-1])}<td class='name bad'>{escape(cells[-1])}</td></tr>"
+                for cells in _agreement_rows(report)]
+        parts += ["<h2>Judge agreement with human votes</h2>", f"<p>{escape(_anchors())}</p>",
+                  _table(AGREEMENT_HEADER, rows)]
     if chart := _mt_bench_chart(report):
         parts += ["<h2>MT-Bench</h2>", chart]
-    for label, board in report.arena.items():
-        rows = [f"<tr><td class='name'>{escape(b.model)}</td><td>{b.elo:.0f}</td><td>{b.bt:.0f}</td>"
-                f"<td>{b.bt_lo:.0f} - {b.bt_hi:.0f}</td><td>{b.battles}</td></tr>" for b in board.itertuples()]
-        parts += [f"<h2>Ratings: {escape(label)}</h2>", _table(["model", "Elo", "Bradley-Terry", "95% interval",
-                                                                "battles"], rows)]
+    for label, table, notes in _arena_boards(report):
+        rows = ["<tr>" + "".join(f"<td{' class=name' if c == 'Model' else ''}>{escape(str(v))}</td>"
+                                 for c, v in zip(table.columns, row)) + "</tr>" for row in table.itertuples(index=False)]
+        parts += [f"<h2>Ratings: {escape(label)}</h2>", _table(list(table.columns), rows)]
+        parts += [f"<p>{escape(line)}</p>" for line in [*notes, *_board_judges(report, label)]]
     if trends := _trend_charts(report):
         parts += ["<h2>Scores over time</h2>", trends]
     parts.append("</body></html>")

@@ -8,6 +8,10 @@ inst_level_acc, for one), a task's own `absolute_thresholds` entry decides; else
 with a known n gets the binomial stderr sqrt(p(1-p)/n), because a fixed absolute threshold would
 flag one flipped sample of a small suite; else `absolute_threshold`, in the metric's own units.
 
+Every score an LLM judge produced (MT-Bench, the judge-verdict ratings) is shown with that judge's
+latest measured agreement with human votes (`posttrain eval judge-agreement`), and the summary
+warns when that agreement is indistinguishable from chance or was never measured.
+
 The suite name is the unit of comparison: runs of one suite share tasks and settings, so change
 a suite's settings under a new name. Configuration is a YAML recipe (`recipes/nightly.yaml`);
 API keys come from the environment only (POSTTRAIN_API_KEY, POSTTRAIN_JUDGE_API_KEY or
@@ -23,14 +27,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
+from sqlalchemy import select
 
 from posttrain.config import Recipe
 from posttrain.errors import PosttrainError
 from posttrain.evaluate.bench import OFFLINE_PACK
 from posttrain.evaluate.endpoint import first_key
+from posttrain.evaluate.judge_agreement import Agreement, latest_agreements
+from posttrain.evaluate.modes import COST_METRICS
 from posttrain.evaluate.runs import score_history
 from posttrain.registry import Registry
-from posttrain.store import utcnow
+from posttrain.store import Battle, EvalRun, Store, utcnow
+from posttrain.ui.ratings import MIN_BATTLES, leaderboard
+
+
+JUDGE_BOARD = "MT-Bench judge verdicts"  # the arena ratings of the judges' pairwise verdicts
 
 
 class BenchSuite(Recipe):
@@ -43,6 +54,7 @@ class BenchSuite(Recipe):
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
     max_gen_toks: Annotated[int, Field(gt=0)] | None = None
     data_dir: str | None = None
+    thinking: Literal["on", "off", "both"] | None = None  # thinking models only; see `modes.py`
 
 
 class MTBenchSuite(Recipe):
@@ -59,6 +71,7 @@ class MTBenchSuite(Recipe):
     max_tokens: Annotated[int, Field(gt=0)] = 1024
     judge_max_tokens: Annotated[int, Field(gt=0)] = 2048
     parallel: Annotated[int, Field(gt=0)] = 8
+    thinking: Literal["on", "off", "both"] | None = None  # thinking models only; see `modes.py`
 
 
 class NightlyConfig(Recipe):
@@ -73,6 +86,7 @@ class NightlyConfig(Recipe):
     benchmarks: list[BenchSuite] = [BenchSuite()]
     mt_bench: list[MTBenchSuite] = []
     arena_source: str = "human"
+    min_battles: Annotated[int, Field(ge=0)] = MIN_BATTLES  # fewer: provisional on the arena boards, not ranked
     out: str | None = None
 
     @model_validator(mode="after")
@@ -115,6 +129,8 @@ class NightlyReport:
     failures: list[str]
     unscored: list[str] = field(default_factory=list)  # evaluations that ran but produced no score
     arena: dict[str, Any] = field(default_factory=dict)  # source label -> leaderboard DataFrame
+    agreements: dict[str, Agreement] = field(default_factory=dict)  # judge -> its latest agreement with humans
+    battle_judges: list[str] = field(default_factory=list)  # judges whose verdicts are in the battles table
     created_at: datetime = field(default_factory=utcnow)
     html_path: Path | None = None
     markdown: str = ""
@@ -122,6 +138,11 @@ class NightlyReport:
     @property
     def ok(self) -> bool:
         return not self.regressions and not self.failures
+
+    @property
+    def judges(self) -> list[str]:
+        """Every judge behind a score in this report."""
+        return list(dict.fromkeys([*(r["judge"] for r in self.rows if r.get("judge")), *self.battle_judges]))
 
 
 def _check_config(registry: Registry, config: NightlyConfig, run: bool) -> None:
@@ -153,18 +174,21 @@ def run_suites(config: NightlyConfig, models: list[str], registry: Registry) -> 
         for model in dict.fromkeys([*models, *baseline]):
             if isinstance(suite, MTBenchSuite) and model == suite.baseline:
                 continue  # pairwise against itself says nothing
+            # A suite's thinking modes are for the models that think; the others, in the same
+            # nightly, run in their one mode instead of failing every night.
+            thinking = suite.thinking if registry.get(model).thinking else None
             try:
                 if isinstance(suite, BenchSuite):
                     run_bench(model, suite.tasks, base_url=config.base_url, api_key=api_key, backend=suite.backend,
                               limit=suite.limit, num_fewshot=suite.num_fewshot, max_gen_toks=suite.max_gen_toks,
-                              data_dir=suite.data_dir, suite=suite.name, registry=registry)
+                              data_dir=suite.data_dir, suite=suite.name, thinking=thinking, registry=registry)
                 else:
                     result = run_mt_bench(
                         model, judge_model=suite.judge_model, base_url=config.base_url,
                         judge_base_url=suite.judge_base_url, api_key=api_key, mode=suite.mode, baseline=suite.baseline,
                         question_file=suite.question_file, judge_prompts=suite.judge_prompts, limit=suite.limit,
                         max_tokens=suite.max_tokens, judge_max_tokens=suite.judge_max_tokens, parallel=suite.parallel,
-                        suite=suite.name, registry=registry)
+                        suite=suite.name, thinking=thinking, registry=registry)
                     if not result.scores:
                         unscored.append(f"{model} [{suite.name}]: judge {suite.judge_model} gave no parsable verdict "
                                         f"({result.unparsable} unparsable, {result.errors} errors of "
@@ -207,6 +231,8 @@ def compare(history: list[dict[str, Any]], config: NightlyConfig, models: list[s
 
 def _regressed(now: dict[str, Any], then: dict[str, Any], config: NightlyConfig) -> str | None:
     """The crossed threshold, in words, if `now` is worse than `then` beyond it."""
+    if now["metric"] in COST_METRICS:
+        return None  # tokens spent: shown beside the scores, not a loss of quality
     drop = (then["value"] - now["value"]) * (1 if now["higher_is_better"] else -1)
     errors = [se for se in (now["stderr"], then["stderr"]) if se]
     if errors:
@@ -225,18 +251,33 @@ def _binomial(score: dict[str, Any]) -> float | None:
     return math.sqrt(p * (1 - p) / n) if n and 0 <= p <= 1 else None
 
 
-def arena_ratings(registry: Registry, source: str) -> dict[str, Any]:
+def arena_ratings(registry: Registry, source: str, min_battles: int = MIN_BATTLES) -> dict[str, Any]:
     """Leaderboards of the arena's human votes and of MT-Bench judge verdicts, where any exist."""
-    from posttrain.ui.ratings import leaderboard
     from posttrain.ui.votes import load_battles
 
     boards = {}
-    for label, which in ((f"arena votes ({source})", source), ("MT-Bench judge verdicts", "judge")):
+    for label, which in ((f"arena votes ({source})", source), (JUDGE_BOARD, "judge")):
         battles = load_battles(registry.store, which)
-        board = leaderboard(battles) if len(battles) else []
+        board = leaderboard(battles, min_battles=min_battles) if len(battles) else []
         if len(board):  # self-battles alone rate nobody
             boards[label] = board
     return boards
+
+
+def judged_by(store: Store, rows: list[dict[str, Any]]) -> None:
+    """Mark each row an LLM judge produced with the judge's name (`row["judge"]`)."""
+    with store.session() as s:
+        configs = dict(s.execute(select(EvalRun.id, EvalRun.config).where(EvalRun.id.in_({r["run_id"] for r in rows}))).all())
+    for row in rows:
+        if judge := (configs.get(row["run_id"]) or {}).get("judge_model"):
+            row["judge"] = judge
+
+
+def battle_judges(store: Store) -> list[str]:
+    """The judges whose pairwise verdicts are stored as battles (sources `judge:<model>`)."""
+    with store.session() as s:
+        sources = s.scalars(select(Battle.source).where(Battle.source.startswith("judge:")).distinct())
+        return sorted(source.removeprefix("judge:") for source in sources)
 
 
 def nightly(config: NightlyConfig, *, run: bool = True, registry: Registry | None = None,
@@ -266,8 +307,11 @@ def nightly(config: NightlyConfig, *, run: bool = True, registry: Registry | Non
     keep = set(models) | ({config.baseline} if config.baseline else set())
     history = [h for h in stored if h["model"] in keep]
     rows, regressions = compare(history, config, models)
+    judged_by(registry.store, rows)
     report = NightlyReport(config=config, rows=rows, history=history, regressions=regressions, failures=failures, unscored=unscored,
-                           arena=arena_ratings(registry, config.arena_source))
+                           arena=arena_ratings(registry, config.arena_source, config.min_battles),
+                           agreements=latest_agreements(registry.store),
+                           battle_judges=battle_judges(registry.store))
     report.markdown = render_markdown(report)
     target = Path(out or config.out or registry.settings.home / "reports" / f"nightly-{report.created_at:%Y-%m-%d}.html")
     write_atomically(target, render_html(report))

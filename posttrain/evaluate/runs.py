@@ -44,8 +44,10 @@ def recorded_run(registry: Registry, model: str, suite: str, config: dict[str, A
     """An EvalRun row marked "running" for the duration of the block; if the block raises
     (Ctrl-C included) the row is marked "failed" with the reason, so a crashed run never
     looks finished and never feeds the report."""
+    # A judge under evaluation may be a remote model, with no lineage here.
+    lineage = [c.name for c in registry.lineage(model)] if registry.find(model) else []
     run = EvalRun(model=model, suite=suite, config=config, harness_version=harness_version, status="running",
-                  lineage=[c.name for c in registry.lineage(model)])
+                  lineage=lineage)
     registry.store.add(run)
     try:
         yield run

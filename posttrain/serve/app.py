@@ -1,103 +1,52 @@
-"""The front door: one OpenAI-compatible FastAPI app routing each request by its `model` field
-to the vLLM engine that serves it.
+"""The front door: one OpenAI-compatible FastAPI app in front of the vLLM engines, routing
+each request by its `model` field (`relay.py`), with what one engine cannot give: one model
+list across engines, API keys, OpenAI-shaped errors, Prometheus metrics, and opt-in harvesting
+of conversations into the store (`exchange.py`) with feedback on them (`feedback.py`). This
+module holds the routes and the lifecycle (start, serve, stop).
 
-Bodies pass through as bytes (vLLM validates sampling parameters and answers its own 400s);
-streams are relayed event by event as they arrive. The front door adds what one engine cannot:
-one model list across engines, API keys, OpenAI-shaped errors for unknown models and dead
-engines (503 while the supervisor restarts them), Prometheus metrics, and opt-in harvesting of
-conversations into the store.
+Backends are local vLLM engines (`engine.py`, one or more replicas per base model) and remote
+OpenAI-compatible servers (`upstream.py`); the routes treat them alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
+import ipaddress
 import logging
 import os
+import shlex
 import signal
 import socket
 import threading
 import time
-from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.errors import PosttrainError
 from posttrain.registry import Registry
-from posttrain.serve.engine import Engine, plan, start_engines, supervise
+from posttrain.serve.engine import Engine, check_engine_args, cpu_build, cpu_env, plan, start_engines, supervise
+from posttrain.serve.exchange import Harvest, Metrics
+from posttrain.serve.feedback import post_feedback
 from posttrain.serve.protocol import ModelCard, ModelList, error
-from posttrain.store import RequestLog, Store
+from posttrain.serve.relay import Backend, Relay
+from posttrain.serve.thinking import Thinking, policies
+from posttrain.serve.upstream import Upstream
+from posttrain.store import Store
 
 log = logging.getLogger("posttrain.serve")
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-
-
-class Metrics:
-    """Per-app registry, so two front doors in one process (tests, the loop) never collide."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("posttrain_requests", "Requests answered, by model, endpoint and HTTP status",
-                                ["model", "endpoint", "status"], registry=self.registry)
-        self.tokens = Counter("posttrain_tokens", "Tokens processed, by model and kind (prompt/completion)",
-                              ["model", "kind"], registry=self.registry)
-        self.latency = Histogram("posttrain_request_latency_seconds", "Request latency (until the last byte)",
-                                 ["model", "endpoint"], registry=self.registry,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-
-
-@dataclass
-class Exchange:
-    """One proxied request, as metrics and the harvest see it."""
-
-    model: str
-    endpoint: str
-    body: dict[str, Any]
-    started: float = field(default_factory=time.perf_counter)
-    texts: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
-    usage: dict[str, Any] | None = None
-    status: int = 200
-    complete: bool = False
-
-    def read_choices(self, choices: list[dict[str, Any]]) -> None:
-        for choice in choices:
-            text = choice.get("text")
-            if text is None:  # chat: a full message, or a streamed delta
-                text = (choice.get("message") or choice.get("delta") or {}).get("content")
-            if text:
-                self.texts[choice.get("index", 0)].append(text)
-
-    def record(self, metrics: Metrics) -> None:
-        metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
-        metrics.latency.labels(self.model, self.endpoint).observe(time.perf_counter() - self.started)
-        for kind in ("prompt", "completion"):
-            if self.usage and self.usage.get(f"{kind}_tokens"):
-                metrics.tokens.labels(self.model, kind).inc(self.usage[f"{kind}_tokens"])
-
-    def log_rows(self) -> list[RequestLog]:
-        """One row per choice: each is a (prompt, completion) pair preference data can use."""
-        usage = self.usage or {}
-        choices = sorted(self.texts.items()) or [(0, [])]
-        latency_ms = (time.perf_counter() - self.started) * 1000
-        return [
-            RequestLog(
-                model=self.model, endpoint=self.endpoint, request=self.body, completion="".join(parts),
-                latency_ms=latency_ms, prompt_tokens=usage.get("prompt_tokens"),
-                # vLLM reports one total for all n choices; it is per-row only when n == 1.
-                completion_tokens=usage.get("completion_tokens") if len(choices) == 1 else None,
-            )
-            for _, parts in choices
-        ]
+# Relayed by their `model` field, each under its metrics label. vLLM serves /tokenize and
+# /detokenize outside /v1; tools that count tokens call them there.
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+             "/tokenize": "tokenize", "/detokenize": "detokenize"}
 
 
 def api_keys_from_env() -> list[str]:
@@ -106,10 +55,69 @@ def api_keys_from_env() -> list[str]:
 
 
 def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = (), harvest: Store | None = None,
-               ready_timeout: float = 900) -> FastAPI:
-    routes = {name: engine for engine in engines for name in engine.models}
+               ready_timeout: float = 900, upstreams: list[Upstream] = (),
+               thinking: dict[str, Thinking] | None = None) -> FastAPI:
+    """`thinking`: how each local model thinks (see `serve.thinking`); by default as the
+    engines' registry rows say, with no default mode or budget."""
     metrics = Metrics()
+    harvested = Harvest(harvest) if harvest is not None else None
+    backends: list[Backend] = [*engines, *upstreams]
+    relay = Relay(backends, metrics, harvested, _policies(engines) if thinking is None else thinking)
     keys = [k.encode() for k in api_keys]
+
+    app = FastAPI(title="posttrain front door", lifespan=_lifespan(engines, upstreams, ready_timeout),
+                  docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+
+    def denied(request: Request) -> JSONResponse | None:
+        if not keys or any(hmac.compare_digest(bearer_token(request).encode(), k) for k in keys):
+            return None
+        return error(401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        # 200 while every model can be answered (a replica down is "degraded"), 503 otherwise.
+        up = [b for b in backends if b.state == "ready" and b.alive()]
+        answerable = all(any(b in up for b in relay.routes[m]) for m in relay.routes)
+        status = "ok" if len(up) == len(backends) else "degraded" if answerable else "down"
+        return JSONResponse({"status": status, "engines": [e.status() for e in engines],
+                             **({"upstreams": [u.status() for u in upstreams]} if upstreams else {})},
+                            status_code=200 if answerable else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        return denied(request) or _model_list(relay)
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str, request: Request):
+        if (refusal := denied(request)) is not None:
+            return refusal
+        if model not in relay.routes:
+            return error(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
+        return _card(model, relay).model_dump()
+
+    def relayed(endpoint: str):
+        async def route(request: Request) -> Response:
+            return denied(request) or await relay.forward(request, endpoint)
+        return route
+
+    for path, endpoint in ENDPOINTS.items():
+        app.add_api_route(path, relayed(endpoint), methods=["POST"], include_in_schema=False)
+
+    @app.post("/v1/feedback", include_in_schema=False)
+    async def feedback(request: Request):
+        return denied(request) or await post_feedback(await request.body(), harvested, bearer_token(request))
+
+    return app
+
+
+def _lifespan(engines: list[Engine], upstreams: list[Upstream], ready_timeout: float):
+    """While the app runs: one HTTP client to every backend, and a watcher per backend (local
+    engines are restarted when they die; upstreams are only marked up or down)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,6 +126,7 @@ def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = ()
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             app.state.client = client
             watchers = [asyncio.create_task(supervise(e, client, ready_timeout)) for e in engines]
+            watchers += [asyncio.create_task(u.watch(client)) for u in upstreams]
             try:
                 yield
             finally:
@@ -125,7 +134,17 @@ def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = ()
                     task.cancel()
                 await asyncio.gather(*watchers, return_exceptions=True)
 
-    app = FastAPI(title="posttrain front door", lifespan=lifespan, docs_url=None, redoc_url=None)
+    return lifespan
+
+
+def bearer_token(request: Request) -> str:
+    """The API key a request sent (`Authorization: Bearer KEY`), "" without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error the front door itself answers is OpenAI-shaped, its own bugs included."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -136,141 +155,23 @@ def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = ()
         log.exception("unexpected error on %s", request.url.path)
         return error(500, f"internal error in the front door ({type(exc).__name__}); see its log")
 
-    def denied(request: Request) -> JSONResponse | None:
-        if not keys:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
-            return None
-        return error(401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
 
-    @app.get("/health")
-    async def health():
-        states = [{"base": e.spec.base_name, "models": e.models, "state": e.state, "restarts": e.restarts}
-                  for e in engines]
-        ok = all(e.state == "ready" and e.alive() for e in engines)
-        return JSONResponse({"status": "ok" if ok else "degraded", "engines": states}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        if (refusal := denied(request)) is not None:
-            return refusal
-        cards = []
-        for engine in engines:
-            for name in engine.models:
-                adapter = engine.spec.adapters.get(name)
-                cards.append(ModelCard(
-                    id=name, created=int(time.time()), root=adapter or engine.spec.base_path,
-                    parent=engine.spec.base_name if adapter else None, max_model_len=engine.max_model_len,
-                ))
-        return ModelList(data=cards).model_dump()
-
-    async def forward(request: Request) -> Response:
-        if (refusal := denied(request)) is not None:
-            return refusal
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            return error(400, f"malformed JSON body: {exc}", code="invalid_json")
-        if not isinstance(body, dict):
-            return error(400, "the request body must be a JSON object", code="invalid_json")
-        model = body.get("model")
-        served = ", ".join(routes)
-        if not isinstance(model, str):
-            return error(400, f"`model` is required: one of {served}", param="model")
-        engine = routes.get(model)
-        if engine is None:
-            return error(404, f"The model `{model}` does not exist; served models: {served}",
-                         param="model", code="model_not_found")
-        if engine.state != "ready":
-            return unavailable(engine, model, ENDPOINTS[request.url.path])
-        exchange = Exchange(model=model, endpoint=ENDPOINTS[request.url.path], body=body)
-        client: httpx.AsyncClient = request.app.state.client
-        streaming = body.get("stream") is True
-        options = body.get("stream_options")
-        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        if streaming and (options is None or isinstance(options, dict)) and not client_wants_usage:
-            # Ask vLLM for the usage chunk (metrics and harvest need token counts) and drop it
-            # again on the way out, so the client sees exactly the stream it asked for.
-            raw = json.dumps({**body, "stream_options": {**(options or {}), "include_usage": True}}).encode()
-        upstream_request = client.build_request(
-            "POST", engine.url + request.url.path, content=raw, headers={"content-type": "application/json"}
-        )
-        try:
-            upstream = await client.send(upstream_request, stream=True)
-            if not (streaming and upstream.status_code == 200):
-                content = await upstream.aread()
-        except httpx.TransportError:  # the engine died (the supervisor is restarting it)
-            return unavailable(engine, model, exchange.endpoint)
-        exchange.status = upstream.status_code
-        background = BackgroundTask(keep, exchange) if harvest is not None else None
-        if streaming and upstream.status_code == 200:
-            return StreamingResponse(relay(upstream, exchange, drop_usage=not client_wants_usage),
-                                     media_type="text/event-stream", background=background)
-        if upstream.status_code == 200:
-            reply = json.loads(content)
-            exchange.usage = reply.get("usage")
-            exchange.read_choices(reply.get("choices") or [])
-            exchange.complete = True
-        exchange.record(metrics)
-        return Response(content, status_code=upstream.status_code, background=background,
-                        media_type=upstream.headers.get("content-type", "application/json"))
-
-    async def relay(upstream: httpx.Response, exchange: Exchange, drop_usage: bool) -> AsyncIterator[bytes]:
-        pending = b""
-        try:
-            async for chunk in upstream.aiter_raw():
-                pending += chunk
-                while b"\n\n" in pending:
-                    event, pending = pending.split(b"\n\n", 1)
-                    if event.startswith(b"data: {"):
-                        data = json.loads(event[6:])
-                        exchange.read_choices(data.get("choices") or [])
-                        if data.get("usage"):
-                            exchange.usage = data["usage"]
-                            if drop_usage and not data.get("choices"):
-                                continue
-                    elif event.startswith(b"data: [DONE]"):
-                        # Before the yield: a client may hang up as soon as it reads [DONE], and the
-                        # disconnect cancels this generator before the upstream's end arrives.
-                        exchange.complete = True
-                    yield event + b"\n\n"
-            if pending:
-                yield pending
-            exchange.complete = True
-        except httpx.TransportError:
-            # The engine died mid-stream: the status line is already sent, so say it in-band.
-            exchange.status = 503
-            body = error(503, f"the engine serving {exchange.model} stopped mid-stream; retry").body
-            yield b"data: " + body + b"\n\n"
-        finally:
-            await upstream.aclose()
-            exchange.record(metrics)
-
-    async def keep(exchange: Exchange) -> None:
-        # After the response is sent, so the harvest never delays a client.
-        if exchange.complete:
-            await asyncio.to_thread(_store_rows, harvest, exchange.log_rows())
-
-    def unavailable(engine: Engine, model: str, endpoint: str) -> JSONResponse:
-        metrics.requests.labels(model, endpoint, "503").inc()
-        state = "not responding" if engine.state == "ready" else engine.state
-        return error(503, f"the engine serving {model} is {state}; posttrain restarts it, retry shortly",
-                     code="engine_unavailable", headers={"Retry-After": "5"})
-
-    for path in ENDPOINTS:
-        app.add_api_route(path, forward, methods=["POST"])
-    return app
+def _card(name: str, relay: Relay) -> ModelCard:
+    thinking = relay.thinking.get(name)
+    return ModelCard(id=name, created=int(time.time()), thinking=thinking and thinking.format,
+                     **relay.routes[name][0].card(name))
 
 
-def _store_rows(store: Store, rows: list[RequestLog]) -> None:
-    with store.session() as s:
-        s.add_all(rows)
+def _model_list(relay: Relay) -> dict[str, Any]:
+    return ModelList(data=[_card(name, relay) for name in relay.routes]).model_dump()
+
+
+def _policies(engines: list[Engine], modes: dict[str, bool] | None = None,
+              budgets: dict[str, int] | None = None) -> dict[str, Thinking]:
+    """How each local model thinks: its registry row's format, its engine's parser, `serve`'s options."""
+    served = {name: engine.spec for engine in engines for name in engine.models}
+    return policies({name: spec.thinking.get(name) for name, spec in served.items()},
+                    {name: spec.reasoning_parser for name, spec in served.items()}, modes or {}, budgets or {})
 
 
 @dataclass
@@ -284,9 +185,10 @@ class FrontDoor:
     server: Any = field(repr=False)  # uvicorn.Server
     sock: socket.socket = field(repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
+    upstreams: list[Upstream] = field(default_factory=list)
 
-    def engine(self, model: str) -> Engine:
-        return next(e for e in self.engines if model in e.models)
+    def engine(self, model: str, replica: int | None = None) -> Engine:
+        return next(e for e in self.engines if model in e.models and e.replica in (replica, None))
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -302,17 +204,54 @@ class FrontDoor:
         self.stop()
 
 
-def _prepare(models: list[str], host: str, port: int, api_keys: list[str], log_requests: bool,
-             registry: Registry | None, max_model_len: int, dtype: str | None, ready_timeout: float) -> FrontDoor:
-    """Start the engines (blocking until they answer), bind the port, build the server."""
-    import uvicorn
+def check_exposure(host: str, api_keys: list[str], insecure_no_auth: bool) -> None:
+    """Beyond loopback, a front door without a key serves (and harvests) anyone who can reach it."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not (loopback or api_keys or insecure_no_auth):
+        raise PosttrainError(f"refusing to listen on {host} without an API key: pass --api-key KEY or set "
+                             f"POSTTRAIN_API_KEY (--insecure-no-auth serves everyone who can reach it)")
 
-    if not models:
-        raise PosttrainError("no models to serve")
-    registry = registry or Registry()
-    engines = [Engine(spec, registry.settings.home / "logs", max_model_len=max_model_len, dtype=dtype)
-               for spec in plan(registry, list(dict.fromkeys(models)))]
-    # Bind before the slow engine start, so a taken port fails in a second, not a minute.
+
+def _engines(registry: Registry, models: list[str], replicas: int | dict[str, int], engine_args: list[str],
+             max_model_len: int, dtype: str | None) -> list[Engine]:
+    """`replicas` engines for each base model (a number for all, or per served name).
+    POSTTRAIN_ENGINE_ARGS adds vLLM arguments to every local engine, before `engine_args`
+    (e.g. `--enforce-eager`: no torch.compile, an engine ready ~40 s sooner, slower decoding)."""
+    try:
+        engine_args = shlex.split(os.environ.get("POSTTRAIN_ENGINE_ARGS", "")) + engine_args
+    except ValueError as exc:  # unbalanced quotes
+        raise PosttrainError(f"POSTTRAIN_ENGINE_ARGS: {exc}") from None
+    specs = plan(registry, list(dict.fromkeys(models))) if models else []
+    per_model = replicas if isinstance(replicas, dict) else {}
+    if unknown := set(per_model) - {name for spec in specs for name in [spec.base_name, *spec.exposed]}:
+        raise PosttrainError(f"--replicas names {', '.join(sorted(unknown))}, which is not served here")
+    engines = []
+    for spec in specs:
+        counts = [per_model[n] for n in [spec.base_name, *spec.exposed] if n in per_model]
+        count = max(counts, default=replicas if isinstance(replicas, int) else 1)
+        if count < 1:
+            raise PosttrainError(f"--replicas for {spec.base_name} must be at least 1 (got {count})")
+        engines += [Engine(spec, registry.settings.home / "logs", max_model_len=max_model_len, dtype=dtype,
+                           replica=i if count > 1 else None, engine_args=engine_args) for i in range(count)]
+    if engine_args and engines:
+        check_engine_args(engines[0])
+    if cpu_build():
+        for index, engine in enumerate(engines):
+            engine.cpu_env = cpu_env(engine, index, len(engines))
+    return engines
+
+
+async def _start_backends(engines: list[Engine], upstreams: list[Upstream], timeout: float) -> None:
+    async with httpx.AsyncClient() as client:
+        for upstream in upstreams:  # seconds, so a wrong upstream fails before the minute-long engine start
+            await upstream.check(client)
+    await start_engines(engines, timeout)
+
+
+def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -320,27 +259,50 @@ def _prepare(models: list[str], host: str, port: int, api_keys: list[str], log_r
     except OSError as exc:
         sock.close()
         raise PosttrainError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _prepare(models: list[str], host: str, port: int, api_keys: list[str], log_requests: bool,
+             registry: Registry | None, max_model_len: int, dtype: str | None, ready_timeout: float,
+             replicas: int | dict[str, int] = 1, engine_args: list[str] = (), upstreams: list[Upstream] = (),
+             insecure_no_auth: bool = False, thinking: dict[str, bool] | None = None,
+             max_thinking_tokens: dict[str, int] | None = None) -> FrontDoor:
+    """Check everything, start the backends (blocking until they answer), bind the port, build
+    the server; on any failure nothing is left running."""
+    import uvicorn
+
+    if not models and not upstreams:
+        raise PosttrainError("no models to serve")
+    check_exposure(host, api_keys, insecure_no_auth)
+    registry = registry or Registry()
+    engines = _engines(registry, models, replicas, list(engine_args), max_model_len, dtype)
+    names = [m for e in engines for m in e.models if e.replica in (None, 0)]
+    if clash := set(names) & {u.name for u in upstreams}:
+        raise PosttrainError(f"{', '.join(sorted(clash))} is both a local model and an --upstream name")
+    served_thinking = _policies(engines, thinking, max_thinking_tokens)
+    sock = _bind(host, port)  # before the slow engine start, so a taken port fails in a second
     try:
-        asyncio.run(start_engines(engines, ready_timeout))
+        asyncio.run(_start_backends(engines, list(upstreams), ready_timeout))
     except BaseException:
         sock.close()
         raise
     app = create_app(engines, api_keys, harvest=registry.store if log_requests else None,
-                     ready_timeout=ready_timeout)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+                     ready_timeout=ready_timeout, upstreams=list(upstreams), thinking=served_thinking)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return FrontDoor(base_url=f"http://{shown}:{sock.getsockname()[1]}/v1",
-                     api_key=api_keys[0] if api_keys else None,
-                     models=[m for e in engines for m in e.models], engines=engines, server=server, sock=sock)
+    return FrontDoor(base_url=f"http://{shown}:{sock.getsockname()[1]}/v1", api_key=api_keys[0] if api_keys else None,
+                     models=list(dict.fromkeys([*names, *(u.name for u in upstreams)])), engines=engines,
+                     server=server, sock=sock, upstreams=list(upstreams))
 
 
 def start_front_door(models: list[str], port: int = 0, host: str = "127.0.0.1", api_keys: list[str] = (),
                      log_requests: bool = False, registry: Registry | None = None, max_model_len: int = 2048,
-                     dtype: str | None = None, ready_timeout: float = 900) -> FrontDoor:
+                     dtype: str | None = None, ready_timeout: float = 900, **backends: Any) -> FrontDoor:
     """Serve `models` from a background thread and return once requests can be answered.
-    port=0 picks a free port (see `.base_url`)."""
-    door = _prepare(models, host, port, list(api_keys), log_requests, registry, max_model_len, dtype, ready_timeout)
+    port=0 picks a free port (see `.base_url`). `backends`: `replicas`, `engine_args`,
+    `upstreams`, `insecure_no_auth`, `thinking`, `max_thinking_tokens`, as for `serve`."""
+    door = _prepare(models, host, port, list(api_keys), log_requests, registry, max_model_len, dtype, ready_timeout,
+                    **backends)
     door.thread = threading.Thread(target=door.server.run, kwargs={"sockets": [door.sock]},
                                    name="posttrain-front-door", daemon=True)
     door.thread.start()
@@ -354,16 +316,23 @@ def start_front_door(models: list[str], port: int = 0, host: str = "127.0.0.1", 
 
 def serve(models: list[str], port: int = 8000, host: str = "127.0.0.1", api_keys: list[str] = (),
           log_requests: bool = False, registry: Registry | None = None, max_model_len: int = 2048,
-          dtype: str | None = None) -> None:
-    """Serve `models` until Ctrl-C or SIGTERM; the engines stop with the front door. API keys
-    are `api_keys` plus those in POSTTRAIN_API_KEY."""
+          dtype: str | None = None, replicas: int | dict[str, int] = 1, engine_args: list[str] = (),
+          upstreams: list[Upstream] = (), insecure_no_auth: bool = False, thinking: dict[str, bool] | None = None,
+          max_thinking_tokens: dict[str, int] | None = None) -> None:
+    """Serve `models` (local vLLM engines, `replicas` per base model, started with the extra
+    vLLM `engine_args`) and `upstreams` (remote servers) until Ctrl-C or SIGTERM; the engines
+    stop with the front door. API keys are `api_keys` plus those in POSTTRAIN_API_KEY; beyond
+    loopback one is required unless `insecure_no_auth`. `thinking` sets a thinking model's mode
+    when a request names none (True: on), `max_thinking_tokens` its default thinking budget."""
     keys = list(dict.fromkeys([*api_keys, *api_keys_from_env()]))
     stop_on_sigterm()
-    door = _prepare(models, host, port, keys, log_requests, registry, max_model_len, dtype, ready_timeout=900)
+    door = _prepare(models, host, port, keys, log_requests, registry, max_model_len, dtype, 900, replicas=replicas,
+                    engine_args=engine_args, upstreams=upstreams, insecure_no_auth=insecure_no_auth, thinking=thinking,
+                    max_thinking_tokens=max_thinking_tokens)
     try:
+        logs = f"; engine logs in {door.engines[0].log_path.parent}" if door.engines else ""
         print(f"posttrain: serving {', '.join(door.models)} at {door.base_url}"
-              f" ({'API key required' if keys else 'no API key'}; engine logs in "
-              f"{door.engines[0].log_path.parent}; Ctrl-C stops)", flush=True)
+              f" ({'API key required' if keys else 'no API key'}{logs}; Ctrl-C stops)", flush=True)
         door.server.run(sockets=[door.sock])  # handles SIGINT/SIGTERM itself
     finally:
         door.stop()

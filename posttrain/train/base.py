@@ -263,6 +263,20 @@ def attach_logging(trainer, run_dir: Path) -> None:
         trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
 
 
+def save_model(trainer, folder: Path | None) -> None:
+    """Write the trained weights into `folder`, the main process's (None on the other ranks).
+    Under FSDP and ZeRO-3 each rank holds a shard and gathering them is collective, so every rank
+    calls this; only the main process writes."""
+    from accelerate.utils import broadcast_object_list
+
+    [path] = broadcast_object_list([str(folder) if folder else None])
+    if trainer.is_fsdp_enabled:
+        # Checkpoints for --resume stay sharded (each rank its own part); the model is one servable
+        # folder. Under SHARDED_STATE_DICT, Trainer.save_model would write no weights at all.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(path)
+
+
 def finish(trainer, prepared: Prepared, recipe: TrainRecipe, stage: str) -> Checkpoint | None:
     """Train (or resume), then save the adapter or full model with the tokenizer and its chat
     template, publish the folder atomically and register it. Returns None on non-main ranks."""
@@ -270,14 +284,15 @@ def finish(trainer, prepared: Prepared, recipe: TrainRecipe, stage: str) -> Chec
     (prepared.run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     trainer.train(resume_from_checkpoint=prepared.resume_from)
     if not trainer.is_world_process_zero():
+        save_model(trainer, None)
         return None
     registry = prepared.registry
     with registry.staging(prepared.output) as tmp:
-        trainer.save_model(str(tmp))
+        save_model(trainer, tmp)
         prepared.tokenizer.save_pretrained(str(tmp))
     adapter = prepared.peft_config is not None
     row = registry.add(prepared.output, registry.model_dir(prepared.output), stage=stage, parent=prepared.start.name,
-                       kind="adapter" if adapter else "full", recipe=recipe.to_dict(), datasets=prepared.data.files)
+                       kind="adapter" if adapter else "full", recipe=recipe.to_dict(), datasets=prepared.data.sources)
     # The model is safe in the store: the resume points are no longer needed (metrics and
     # TensorBoard logs stay).
     for checkpoint in prepared.run_dir.glob("checkpoint-*"):

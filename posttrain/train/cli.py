@@ -7,6 +7,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from posttrain.config import SET_VALUES
 from posttrain.train.base import TrainRecipe
 from posttrain.train.dpo import DPORecipe, train_dpo
 from posttrain.train.grpo import GRPORecipe, train_grpo
@@ -16,7 +17,7 @@ app = typer.Typer(help="Post-train registered checkpoints (TRL + PEFT); every re
                   no_args_is_help=True)
 
 RECIPE_HELP = "YAML recipe (see recipes/); without one, the built-in defaults (the default model, built-in sample data)."
-SET_HELP = "Override a recipe key, e.g. --set training.max_steps=10 --set lora.r=8 (repeatable)."
+SET_HELP = f"Override a recipe key, e.g. --set training.max_steps=10 --set lora.r=8 (repeatable). {SET_VALUES}"
 RESUME_HELP = "Continue an interrupted run from its last checkpoint."
 
 
@@ -61,7 +62,7 @@ def quantize(model: str = typer.Argument(..., help="A registered checkpoint (an 
     from posttrain.train.quantize import QuantizeRecipe, quantize as run
 
     options = {"model": model, "scheme": scheme, "output": output, "calibration_samples": samples, "data.path": data}
-    row = run(QuantizeRecipe.load(None, [f"{k}={v}" for k, v in options.items() if v is not None]))
+    row = run(QuantizeRecipe.load(None, values={k: v for k, v in options.items() if v is not None}))
     typer.echo(f"registered {row.name} ({scheme} of {model}): {row.path}")
 
 
@@ -84,13 +85,16 @@ def generate(
     max_per_prompt: int = typer.Option(1, help="Accepted samples kept per prompt."),
     max_tokens: int = typer.Option(512, help="Longest sample."),
     temperature: float = typer.Option(0.8, help="Sampling temperature."),
+    unsafe_exec: bool = typer.Option(False, "--unsafe-exec", help="Run code_tests samples without the bubblewrap "
+                                     "sandbox (logged; only for code you trust)."),
 ):
     """Rejection sampling / distillation: sample a teacher, keep what the rewards accept, write SFT data."""
     from posttrain.train.distill import GenerateRecipe, generate as run
 
-    overrides = {"teacher": teacher, "base_url": base_url, "api_key": api_key, "threshold": threshold, "n": n,
-                 "max_per_prompt": max_per_prompt, "max_tokens": max_tokens, "temperature": temperature}
-    items = [f"{k}={v}" for k, v in overrides.items() if v is not None]
-    items += [f"prompts.{i}.path={p}" for i, p in enumerate(prompts or ["builtin:gsm8k"])]
-    items += [f"rewards.{i}.name={r}" for i, r in enumerate(reward or ["math_answer"])]
-    run(GenerateRecipe.load(None, items), out)
+    # Flags go in as typer typed them: a teacher called `yes` or a numeric API key stays a string.
+    values = {"teacher": teacher, "base_url": base_url, "api_key": api_key, "threshold": threshold, "n": n,
+              "max_per_prompt": max_per_prompt, "max_tokens": max_tokens, "temperature": temperature,
+              "prompts": [{"path": p} for p in prompts or ["builtin:gsm8k"]],
+              "rewards": [{"name": r, "params": {"unsafe_exec": True} if unsafe_exec and r == "code_tests" else {}}
+                          for r in reward or ["math_answer"]]}
+    run(GenerateRecipe.load(None, values={k: v for k, v in values.items() if v is not None}), out)

@@ -1,8 +1,9 @@
 """Training data: the formats users have, validated line by line, normalized to what TRL reads.
 
-A source is a JSONL / JSON / CSV / Parquet file, a folder written by `datasets.save_to_disk`,
-`builtin:NAME` (the samples shipped in posttrain/data/samples, so every recipe runs offline)
-or a Hugging Face dataset name. Its format is detected from the first record's keys:
+A source is a JSONL / JSON / CSV (UTF-8, a header row, cells read as text) / Parquet file, a
+folder written by `datasets.save_to_disk`, `builtin:NAME` (the samples shipped in
+posttrain/data/samples, so every recipe runs offline) or a Hugging Face dataset name (its
+lineage records the Hub commit read). Its format is detected from the first record's keys:
 
     messages           {"messages": [{"role", "content"}, ...]}             chat (TRL conversational)
     dolly              {"instruction", "context", "response"}                instruction tuning
@@ -25,6 +26,7 @@ gets the `/think` switch on its user turn; one marked `no_think` gets an empty t
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import re
@@ -33,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from posttrain.errors import PosttrainError
 
@@ -47,19 +49,28 @@ FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 _GSM8K_FINAL = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)\s*$")
 _CALCULATOR = re.compile(r"<<[^>]*>>")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class DataSource(BaseModel):
     """One dataset in a recipe's `data:` list."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(description="File, datasets folder, builtin:NAME, or a Hugging Face dataset name.")
+    path: str = Field(min_length=1, description="File, datasets folder, builtin:NAME, or a Hugging Face dataset name.")
     format: Format = "auto"
     split: str = "train"
     limit: int | None = Field(None, gt=0, description="Use at most this many records (the first ones).")
     thinking: Literal["think", "no_think"] | None = Field(
         None, description="Thinking-mode fusion: mark this source's examples /think or /no_think.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn where none is given.")
+
+    @field_validator("path")
+    @classmethod
+    def _printable(cls, path: str) -> str:
+        # A YAML block scalar (`path: |`) ends in a line break; errors name the path on one line.
+        if not path.isprintable():
+            raise ValueError(f"{path!r} holds a line break or another control character")
+        return path
 
 
 class BadRecord(ValueError):
@@ -68,10 +79,15 @@ class BadRecord(ValueError):
 
 @dataclass
 class Dataset:
-    """Normalized rows ready for a TRL trainer, and the files they came from (for lineage)."""
+    """Normalized rows ready for a TRL trainer, and where they came from: per source a file or
+    folder, or a Hub dataset's lineage entry (what `Registry.add(datasets=...)` takes)."""
 
     rows: list[dict[str, Any]]
-    files: list[Path] = field(default_factory=list)
+    sources: list[Path | dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [s for s in self.sources if isinstance(s, Path) and s.is_file()]
 
     def to_hf(self):
         import datasets
@@ -90,25 +106,59 @@ def builtin_names() -> list[str]:
 # --- reading -------------------------------------------------------------------------------
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            where = f"{path}:{number}"
+            try:  # an editor's byte-order mark opens line 1 only
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise PosttrainError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PosttrainError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            except ValueError as exc:  # Python refuses integers of more than 4300 digits
+                raise PosttrainError(f"{where}: invalid JSON: {str(exc).split(':')[0]}") from None
+            except RecursionError:
+                raise PosttrainError(f"{where}: invalid JSON: nested too deeply") from None
             if not isinstance(record, dict):
                 raise PosttrainError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
 
 
-def _read_table(source: DataSource, path: Path | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Everything that is not JSONL goes through `datasets` (records numbered from 1)."""
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Cells stay the text they are (`datasets` would guess that "42" is a number and an empty
+    cell None); each record is named by the line it starts on."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is not None and len(set(header)) < len(header):
+                repeated = next(name for name in header if header.count(name) > 1)
+                raise PosttrainError(f"{path}:1: the header names the column {repeated!r} twice")
+            start = reader.line_num + 1
+            for cells in reader:
+                where, start = f"{path}:{start}", reader.line_num + 1
+                if not any(cells):
+                    continue
+                if len(cells) != len(header):
+                    raise PosttrainError(f"{where}: {len(cells)} cells, but the header names {len(header)} columns")
+                yield where, dict(zip(header, cells))
+    except UnicodeDecodeError as exc:
+        raise PosttrainError(f"{path}: not UTF-8 text (at byte {exc.start + 1})") from None
+    except csv.Error as exc:
+        raise PosttrainError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from None
+
+
+def _open_table(source: DataSource, path: Path | None):
+    """A file or `save_to_disk` folder through `datasets`, or a Hub dataset (then also its
+    revision: the commit `datasets` resolved, or None where it cannot tell)."""
     import datasets
 
     name = str(path) if path is not None else source.path
+    revision = None
     try:
         if path is not None and path.is_dir():
             data = datasets.load_from_disk(str(path))
@@ -117,17 +167,27 @@ def _read_table(source: DataSource, path: Path | None) -> Iterator[tuple[str, di
         elif path is not None:
             data = datasets.load_dataset(FILE_SUFFIXES[path.suffix], data_files=str(path), split="train")
         else:
-            data = datasets.load_dataset(source.path, split=source.split)
+            # load_dataset without its wrapper: the builder's hash is the Hub commit it read.
+            builder = datasets.load_dataset_builder(source.path)
+            builder.download_and_prepare()
+            data = builder.as_dataset(split=source.split)
+            revision = builder.hash if _COMMIT.fullmatch(str(builder.hash)) else None
     except KeyError:
         raise PosttrainError(f"{name}: no split {source.split!r}") from None
     except Exception as exc:  # datasets raises many types: offline, unknown name, bad file
         hint = "" if path is not None else " (not a local file or folder; as a Hugging Face dataset it needs the hub)"
         raise PosttrainError(f"{name}: cannot load: {str(exc).splitlines()[0]}{hint}") from None
+    return data, revision
+
+
+def _table_records(name: str, data) -> Iterator[tuple[str, dict[str, Any]]]:
     for index, record in enumerate(data, 1):
         yield f"{name} record {index}", record
 
 
-def _records(source: DataSource) -> tuple[Iterator[tuple[str, dict[str, Any]]], Path | None]:
+def _records(source: DataSource) -> tuple[Iterator[tuple[str, dict[str, Any]]], Path | dict[str, Any]]:
+    """The records of a source, and what its lineage records: a file or folder (hashed when the
+    checkpoint is registered), or for a Hub dataset its revision or why it has none."""
     if source.path.startswith(BUILTIN):
         name = source.path[len(BUILTIN):]
         path = builtin_dir() / f"{name}.jsonl"
@@ -135,16 +195,23 @@ def _records(source: DataSource) -> tuple[Iterator[tuple[str, dict[str, Any]]], 
             raise PosttrainError(f"unknown built-in dataset {source.path!r} (one of: "
                                  f"{', '.join(BUILTIN + n for n in builtin_names())})")
         return _read_jsonl(path), path
-    path = Path(source.path).expanduser()
-    if path.is_file():
-        if path.suffix not in FILE_SUFFIXES:
-            raise PosttrainError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
-        return (_read_jsonl(path) if path.suffix == ".jsonl" else _read_table(source, path)), path
-    if path.is_dir():
-        return _read_table(source, path), None
+    try:
+        path = Path(source.path).expanduser()
+    except RuntimeError:  # ~name of no such user
+        raise PosttrainError(f"{source.path}: no such file (no home folder for {source.path.split('/')[0]})") from None
+    if path.is_file() and path.suffix not in FILE_SUFFIXES:
+        raise PosttrainError(f"{path}: unsupported file type (use {', '.join(FILE_SUFFIXES)})")
+    if path.is_file() and path.suffix in (".jsonl", ".csv"):
+        return (_read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)), path
+    if path.is_file() or path.is_dir():
+        return _table_records(str(path), _open_table(source, path)[0]), path
     if path.suffix in FILE_SUFFIXES or source.path.startswith((".", "/", "~")):
         raise PosttrainError(f"{source.path}: no such file")
-    return _read_table(source, None), None
+    data, revision = _open_table(source, None)
+    hub = {"path": source.path, "split": source.split}
+    if revision:
+        return _table_records(source.path, data), hub | {"revision": revision}
+    return _table_records(source.path, data), hub | {"unhashed": "datasets did not say which Hub commit it read"}
 
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -196,7 +263,9 @@ def messages(value: Any, key: str = "messages") -> list[dict[str, str]]:
         if role == "assistant" and isinstance(reasoning, str) and reasoning.strip():
             if THINK_OPEN in content:
                 raise BadRecord(f"{key}[{i}]: both a reasoning field and a {THINK_OPEN} block")
-            content = f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content.lstrip()}"
+            # Exactly as Qwen3's chat template renders `reasoning_content` (it strips line breaks only).
+            trace, answer = reasoning.strip("\n"), content.lstrip("\n")
+            content = f"{THINK_OPEN}\n{trace}\n{THINK_CLOSE}\n\n{answer}"
         if role == "assistant":
             _check_think(content, role, i)
         out.append({"role": role, "content": content})
@@ -313,7 +382,8 @@ def to_grpo(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
         return {"prompt": [{"role": "user", "content": _text(record, "question")}], "answer": number}
     if fmt == "code":
         row = {"prompt": _prompt_turns(record), "tests": _text(record, "tests")}
-        return row | {"entry_point": record.get("entry_point") or ""}
+        return row | {"entry_point": _text(record, "entry_point", allow_empty=True) if record.get("entry_point") is not None
+                      else ""}
     if fmt in ("prompt", "prompt_completion"):
         return {"prompt": _prompt_turns(record)} | _extras(record, "prompt", "completion")
     if fmt == "messages":
@@ -345,7 +415,9 @@ def fuse_thinking(row: dict[str, Any], mode: str) -> dict[str, Any]:
     """Qwen3's thinking-mode fusion for one SFT row: switch on the last user turn, and a think
     block on the reply (the trace for /think, an empty one for /no_think)."""
     turns = [dict(m) for m in row["messages"]]
-    last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise BadRecord("thinking-mode fusion needs a user turn to mark /think or /no_think")
     reply = next((m for m in turns[last_user + 1:] if m["role"] == "assistant"), None)
     if reply is None:
         raise BadRecord("thinking-mode fusion needs an assistant reply after the last user turn")
@@ -361,9 +433,10 @@ def fuse_thinking(row: dict[str, Any], mode: str) -> dict[str, Any]:
 
 # --- loading -------------------------------------------------------------------------------
 
-def load_source(source: DataSource, method: Method) -> tuple[list[dict[str, Any]], Path | None]:
-    records, path = _records(source)
-    rows: list[dict[str, Any]] = []
+def load_source(source: DataSource, method: Method) -> tuple[list[tuple[str, dict[str, Any]]], Path | dict[str, Any]]:
+    """The source's rows, each with where it was read (`file:line`), and its lineage origin."""
+    records, origin = _records(source)
+    rows: list[tuple[str, dict[str, Any]]] = []
     fmt = None if source.format == "auto" else source.format
     for where, record in records:
         if source.limit is not None and len(rows) >= source.limit:
@@ -381,8 +454,8 @@ def load_source(source: DataSource, method: Method) -> tuple[list[dict[str, Any]
                 row = fuse_thinking(row, source.thinking)
         except BadRecord as exc:
             raise PosttrainError(f"{where}: {exc}") from None
-        rows.append(row)
-    return rows, path
+        rows.append((where, row))
+    return rows, origin
 
 
 def load(sources: list[DataSource], method: Method, seed: int = 0) -> Dataset:
@@ -390,20 +463,21 @@ def load(sources: list[DataSource], method: Method, seed: int = 0) -> Dataset:
     (seeded), so a fusion of thinking and non-thinking data interleaves them."""
     if not sources:
         raise PosttrainError("the recipe has no data: add at least one entry under `data:`")
-    rows: list[dict[str, Any]] = []
-    files: list[Path] = []
+    placed: list[tuple[str, dict[str, Any]]] = []
+    origins: list[Path | dict[str, Any]] = []
     for source in sources:
-        loaded, path = load_source(source, method)
+        loaded, origin = load_source(source, method)
         if not loaded and len(sources) > 1:
-            print(f"warning: {path or source.path} has no records; training on the other sources", flush=True)
-        rows.extend(loaded)
-        if path is not None:
-            files.append(path)
-    if not rows:
+            print(f"warning: {source.path} has no records; training on the other sources", flush=True)
+        placed.extend(loaded)
+        origins.append(origin)
+    if not placed:
         raise PosttrainError(f"{', '.join(s.path for s in sources)}: no records")
+    rows = _uniform_columns([row for _, row in placed])
+    _check_column_types([where for where, _ in placed], rows)
     if len(sources) > 1:
         random.Random(seed).shuffle(rows)
-    return Dataset(rows=_uniform_columns(rows), files=files)
+    return Dataset(rows=rows, sources=origins)
 
 
 def _uniform_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -412,3 +486,30 @@ def _uniform_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if all(len(row) == len(keys) for row in rows):
         return rows
     return [{k: row.get(k) for k in keys} for row in rows]
+
+
+# Built by the normalizers above: always lists of {"role", "content"} strings.
+_CONVERSATIONS = ("messages", "prompt", "chosen", "rejected")
+
+
+def _check_column_types(wheres: list[str], rows: list[dict[str, Any]]) -> None:
+    """A column Arrow cannot hold (GRPO carries extra columns as they are: an `x` that is a number
+    on one line and text on another) is refused at the first record that breaks it."""
+    import pyarrow as pa
+
+    def fits(column: str, end: int) -> bool:
+        try:
+            pa.array([row[column] for row in rows[:end]])
+            return True
+        except (pa.ArrowException, OverflowError):  # OverflowError: an integer beyond 64 bits
+            return False
+
+    for column in rows[0]:
+        if column in _CONVERSATIONS or fits(column, len(rows)):
+            continue
+        good, bad = 0, len(rows)  # the shortest prefix that fails ends at the culprit
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if fits(column, middle) else (good, middle)
+        raise PosttrainError(f"{wheres[bad - 1]}: {column!r} has another type than in the records before it "
+                             "(a column holds one type)")

@@ -23,7 +23,7 @@ from posttrain.errors import PosttrainError
 from posttrain.files import write_jsonl
 from posttrain.registry import file_sha256
 from posttrain.train import rewards as reward_functions
-from posttrain.train.data import DataSource, load
+from posttrain.train.data import THINK_CLOSE, THINK_OPEN, DataSource, load
 from posttrain.train.grpo import RewardSpec
 
 
@@ -57,9 +57,17 @@ async def _sample(client, recipe: GenerateRecipe, rows: list[dict[str, Any]]) ->
                 except openai.APIConnectionError:
                     raise PosttrainError(f"cannot reach the teacher at {recipe.base_url}") from None
             bar.update()
-            return [choice.message.content or "" for choice in reply.choices]
+            return [as_written(choice.message) for choice in reply.choices]
 
         return await asyncio.gather(*(one(row) for row in rows))
+
+
+def as_written(message) -> str:
+    """A reply as the teacher wrote it: a thinking teacher's trace comes back apart from its
+    answer (the engine's reasoning parser), and the student learns it inline, as the rewards read it."""
+    extra = message.model_extra or {}
+    trace = extra.get("reasoning") or extra.get("reasoning_content")
+    return f"{THINK_OPEN}{trace}{THINK_CLOSE}{message.content or ''}" if trace else message.content or ""
 
 
 def _scores(recipe: GenerateRecipe, row: dict[str, Any], samples: list[str]) -> list[float]:

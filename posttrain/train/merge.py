@@ -31,13 +31,26 @@ def merge(adapter: str, output: str | None = None, registry: Registry | None = N
     if registry.find(output) is not None:
         raise PosttrainError(f"a model named {output!r} is already registered")
     served = registry.served(adapter)
-    saved_dtype = json.loads((Path(served.base_path) / "config.json").read_text()).get("dtype", "float32")
+    saved_dtype = base_dtype(Path(served.base_path) / "config.json")
     base = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, served.adapter_path).merge_and_unload()
-    tokenizer = load_tokenizer(served.adapter_path if (Path(served.adapter_path) / "tokenizer_config.json").exists()
-                               else served.base_path)
+    tokenizer = load_tokenizer(served.tokenizer_path)
     with registry.staging(output) as tmp:
-        model.to(getattr(torch, saved_dtype or "float32")).save_pretrained(tmp)
+        model.to(getattr(torch, saved_dtype)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return registry.add(output, registry.model_dir(output), stage="merge", parent=adapter,
                         recipe={"merged": adapter, "base": row.parent, "dtype": saved_dtype})
+
+
+def base_dtype(config_file: Path) -> str:
+    """The dtype a checkpoint is stored in: `dtype` (transformers 5), `torch_dtype` (4.x), else fp32."""
+    import torch
+
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise PosttrainError(f"{config_file}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    dtype = (config.get("dtype") or config.get("torch_dtype") or "float32") if isinstance(config, dict) else None
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        raise PosttrainError(f"{config_file}: dtype {dtype!r} is not a torch dtype")
+    return dtype.removeprefix("torch.")

@@ -94,4 +94,4 @@ def quantize(recipe: QuantizeRecipe, registry: Registry | None = None) -> Checkp
           f"{report['ppl_before']:.3f} -> {report['ppl_after']:.3f} "
           f"({report['ppl_after'] / report['ppl_before'] - 1:+.2%})", flush=True)
     return registry.add(output, registry.model_dir(output), stage="quantize", parent=start.name,
-                        recipe=recipe.to_dict() | {"report": report}, datasets=data.files)
+                        recipe=recipe.to_dict() | {"report": report}, datasets=data.sources)

@@ -9,22 +9,19 @@ leaves that reward out of the row's sum).
                     last number) equals the reference number, else 0.0
     think_format    1.0 for one <think>...</think> block followed by a non-empty answer
     length_penalty  0 up to `max_chars`, then down linearly to -1 at twice that
-    code_tests      fraction of the row's `tests` (assert lines) that pass when the completion's
-                    code runs in a subprocess: time limit, memory limit, no network, empty cwd
+    code_tests      fraction of the row's `tests` that the completion's code passes in
+                    posttrain.sandbox (bubblewrap; verdicts the code cannot forge): each plain
+                    `assert` line counts, or HumanEval's check(candidate) with `entry_point`
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from functools import partial
 from typing import Any, Callable
 
+from posttrain import sandbox
 from posttrain.errors import PosttrainError
 
 Reward = Callable[..., list]
@@ -97,65 +94,16 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-# The child confines itself before it runs anything of the completion's: memory, CPU time and
-# file-size limits, and a network namespace of its own (only a downed loopback: no network).
-# Root can make one directly; others need a user namespace first. Each test line runs on its
-# own, so one failure does not hide the others.
-_HARNESS = """
-import ctypes, os, resource, sys
-memory, cpu = int(sys.argv[3]) << 20, int(sys.argv[4])
-resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.unshare(0x40000000) != 0 and libc.unshare(0x10000000 | 0x40000000) != 0:
-    sys.exit(97)
-del ctypes, os, resource, libc
-_ns = {"__name__": "__main__"}
-exec(compile(sys.argv[1], "<completion>", "exec"), _ns)
-_passed = 0
-_tests = [t for t in sys.argv[2].splitlines() if t.strip()]
-for _t in _tests:
-    try:
-        exec(_t, _ns)
-        _passed += 1
-    except BaseException:
-        pass
-print(f"PASSED {_passed}/{len(_tests)}")
-"""
-NO_SANDBOX = 97
-
-
-def run_code(code: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
-    """Fraction of `tests` (one statement per line) that pass after running `code`; 0.0 if the
-    code does not run, times out, or exhausts its memory."""
-    cpu_s = str(max(1, int(timeout_s) + 1))
-    with tempfile.TemporaryDirectory(prefix="posttrain-reward-") as cwd:
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _HARNESS, code, tests, str(memory_mb), cpu_s], cwd=cwd,
-            env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-        try:
-            stdout, _ = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)  # the whole group: the completion may have forked
-            process.communicate()
-            return 0.0
-    if process.returncode == NO_SANDBOX:
-        raise PosttrainError("code rewards run completions in a network namespace of their own, and this host "
-                             "refuses to make one (in Docker: --cap-add SYS_ADMIN, or allow user namespaces)")
-    match = re.search(r"PASSED (\d+)/(\d+)\s*$", stdout)
-    if process.returncode != 0 or match is None or int(match.group(2)) == 0:
-        return 0.0
-    return int(match.group(1)) / int(match.group(2))
-
-
-def code_tests(completions: list, tests: list, timeout_s: float = 5.0, memory_mb: int = 512,
-               **_: Any) -> list[float | None]:
-    jobs = [(extract_code(completion_text(c)), t) for c, t in zip(completions, tests)]
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        scores = pool.map(lambda job: None if not job[1] else run_code(job[0], job[1], timeout_s, memory_mb), jobs)
-        return list(scores)
+def code_tests(completions: list, tests: list, entry_point: list | None = None, timeout_s: float = 5.0,
+               memory_mb: int = 512, unsafe_exec: bool = False, **_: Any) -> list[float | None]:
+    """Fraction of the row's tests the completion's code passes, run in posttrain.sandbox. Plain
+    `assert` lines count one each; HumanEval's `def check(candidate)` with the row's
+    `entry_point` counts as one. `unsafe_exec` runs without bubblewrap (logged)."""
+    entry_points = entry_point or [None] * len(completions)
+    jobs = [sandbox.Job(extract_code(completion_text(c)), t, e or None) if t else None
+            for c, t, e in zip(completions, tests, entry_points)]
+    verdicts = iter(sandbox.run_many([j for j in jobs if j], timeout_s, memory_mb, unsafe=unsafe_exec))
+    return [None if job is None else next(verdicts).score for job in jobs]
 
 
 REWARDS: dict[str, Reward] = {f.__name__: f for f in (math_answer, think_format, length_penalty, code_tests)}
@@ -165,6 +113,8 @@ def make(name: str, **params: Any) -> Reward:
     """A reward by name with its parameters bound (TRL logs it under `name`)."""
     if name not in REWARDS:
         raise PosttrainError(f"unknown reward {name!r} (one of {', '.join(REWARDS)})")
+    if name == "code_tests":  # no sandbox: fail before a model loads, not at the first step
+        sandbox.require(unsafe=bool(params.get("unsafe_exec")))
     reward = partial(REWARDS[name], **params)
     reward.__name__ = name
     return reward

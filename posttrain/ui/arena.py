@@ -6,9 +6,18 @@ complete, and only then learns their names. Side-by-side tab: the same with mode
 picks (names known, so those votes are kept apart as source "side-by-side"). Leaderboard tab:
 the ratings of the arena votes.
 
+Thinking: both sides of a battle run in one mode, chosen per battle (a toggle; `thinking` in
+ArenaConfig is its default) and stored with the vote. A thinking battle pairs only models that
+think, one without thinking only models that can answer without (a `deepseek_r1` model always
+thinks); side by side, a picked model that cannot run in the chosen mode is refused with what to
+do. Which models think is what their model cards say (`thinking`, as posttrain's front door
+writes them; a model whose card does not say is taken as not thinking). A reply's trace is kept
+apart from its answer, with its length in tokens.
+
 Models are reached only through an OpenAI-compatible API (posttrain's front door by default),
 so the arena works against any such endpoint. Per-session state lives on the server (gr.State),
-so the browser never holds the hidden model names.
+so the browser never holds the hidden model names. This module holds the arena's state and rules,
+without Gradio; `posttrain.ui.arena_app` lays them out as widgets.
 """
 
 from __future__ import annotations
@@ -24,19 +33,22 @@ from datetime import datetime
 from itertools import combinations
 from typing import Any, AsyncIterator, Callable
 
-import gradio as gr
 import openai
 from pydantic import Field
 
 from posttrain.config import Recipe
 from posttrain.errors import PosttrainError
+from posttrain.evaluate.modes import request_body
 from posttrain.store import Store, utcnow
-from posttrain.ui.votes import VOTE_LABELS, load_battles, pair_counts, record_vote
+from posttrain.thinking import FORMATS
+from posttrain.ui.ratings import MIN_BATTLES, board_notes, plots, readable, stored_leaderboard
+from posttrain.ui.votes import mode_filter, pair_counts, record_vote
 
 Moderation = Callable[[str], "str | None"]
 """A moderation hook: gets the user's prompt, returns why it is refused (shown to the user), or None."""
 
 BATTLE, SIDE_BY_SIDE = "arena", "side-by-side"
+MODE = {True: "with thinking on", False: "with thinking off"}
 
 
 class ArenaConfig(Recipe):
@@ -49,6 +61,12 @@ class ArenaConfig(Recipe):
     prompts_per_minute: int = Field(10, gt=0, description="Per session, counting regenerations.")
     moderation: str | None = Field(None, description="module:function of a Moderation hook.")
     leaderboard_rounds: int = Field(100, ge=0)
+    min_battles: int = Field(MIN_BATTLES, ge=0, description="Fewer battles: provisional on the leaderboard.")
+    requests_logged: bool = Field(False, description="The API in front logs prompts and replies (said on the page).")
+    thinking: bool = Field(False, description="The mode a battle runs in unless the user flips the toggle: "
+                           "both sides think (True) or answer directly (False).")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="Fields added to every chat request "
+                                       "(vLLM's sampling or structured-output parameters, say).")
 
 
 def load_moderation(spec: str) -> Moderation:
@@ -65,6 +83,19 @@ def load_moderation(spec: str) -> Moderation:
     return hook
 
 
+def runs_in(fmt: str | None, thinking: bool) -> bool:
+    """Whether a model with thinking format `fmt` can answer in a mode: one that does not think
+    only without thinking, a `deepseek_r1` one only with it, a `qwen3` one either way."""
+    return fmt in FORMATS if thinking else fmt != "deepseek_r1"
+
+
+def cannot_run(model: str, fmt: str | None, thinking: bool) -> str:
+    """Why `model` cannot answer in this mode, and what the user can do."""
+    if thinking:
+        return f"{model} does not think: turn thinking off, or pick a model that thinks."
+    return f"{model} always thinks ({fmt} format): turn thinking on, or pick another model."
+
+
 def weighted_pair(models: list[str], counts: dict[frozenset[str], int], rng: random.Random) -> list[str]:
     """Two different models, each pair weighted by 1 / (1 + its battles so far) so that new and
     rarely met pairs catch up, in random order (A/B position carries no information)."""
@@ -74,14 +105,24 @@ def weighted_pair(models: list[str], counts: dict[frozenset[str], int], rng: ran
     return pair
 
 
+BUSY = ("streaming", "voting")  # an event is changing the chat: others must wait, not interleave
+
+
 @dataclass
 class Chat:
     """One browser session's round in one tab (server-side)."""
 
     mode: str
     models: list[str] = field(default_factory=list)  # [side A, side B]
+    formats: list[str | None] = field(default_factory=lambda: [None, None])  # their thinking formats
+    thinking: bool = False  # the mode both sides run in, for the whole round
     conversations: list[list[dict[str, Any]]] = field(default_factory=lambda: [[], []])
-    status: str = "empty"  # empty | streaming | ready | failed | voted
+    status: str = "empty"  # empty | streaming | ready | failed | voting | voted
+    failures: list[str] = field(default_factory=lambda: ["", ""])  # why each side's last reply failed
+    # Each side's earlier replies to the current turn (assistant messages, a trace included),
+    # replaced by Regenerate: a weak "rejected" against the reply kept, stored with the vote (and
+    # only with a vote).
+    replaced: list[list[dict[str, Any]]] = field(default_factory=lambda: [[], []])
     started_at: datetime | None = None
     last_vote: str = ""
     # Prompt times for the rate limit: shared by a session's tabs and kept across new rounds.
@@ -89,8 +130,8 @@ class Chat:
 
     def reset(self) -> None:
         if self.mode == BATTLE:
-            self.models = []
-        self.conversations = [[], []]
+            self.models, self.formats = [], [None, None]
+        self.conversations, self.failures, self.replaced = [[], []], ["", ""], [[], []]
         self.status, self.started_at, self.last_vote = "empty", None, ""
 
     @property
@@ -104,8 +145,44 @@ def new_session() -> dict[str, Chat]:
     return {mode: Chat(mode=mode, sent=sent) for mode in (BATTLE, SIDE_BY_SIDE)}
 
 
+def restart_if_changed(chat: Chat, thinking: bool, chosen: list[str] | None) -> None:
+    """Start a new round when the user asks for another mode (or, side by side, other models)
+    than the round's, unless replies are streaming: both sides of a round keep one mode, the
+    one stored with its votes."""
+    other_models = chat.mode == SIDE_BY_SIDE and list(chosen or []) != chat.models
+    if (thinking != chat.thinking or other_models) and chat.status not in BUSY:
+        chat.reset()
+        chat.thinking = thinking
+        if chat.mode == SIDE_BY_SIDE:
+            chat.models = list(chosen or [])
+
+
+def add_delta(reply: dict[str, Any], delta: Any) -> bool:
+    """Add a streamed delta to `reply`: the answer to `content`, a thinking model's trace (vLLM
+    0.32 calls it `reasoning`, older servers `reasoning_content`) to `reasoning`, whose deltas
+    count its tokens in `reasoning_tokens` (one per delta, as vLLM streams them) until the usage
+    says (`count_reasoning`). Whether the reply grew."""
+    extra = delta.model_extra or {}
+    trace = extra.get("reasoning") or extra.get("reasoning_content")
+    if trace:
+        reply["reasoning"] = reply.get("reasoning", "") + trace
+        reply["reasoning_tokens"] = reply.get("reasoning_tokens", 0) + 1
+    if delta.content:
+        reply["content"] += delta.content
+    return bool(trace or delta.content)
+
+
+def count_reasoning(reply: dict[str, Any], usage: Any) -> None:
+    """The trace's length from the stream's usage (the last chunk), where the server counts it."""
+    details = usage and usage.completion_tokens_details
+    if "reasoning" in reply and details and details.reasoning_tokens:
+        reply["reasoning_tokens"] = details.reasoning_tokens
+
+
 class Arena:
-    """The arena's logic, independent of the widgets: pairing, checks, streaming, voting."""
+    """The arena's logic, independent of the widgets: pairing, checks, streaming, voting. Its
+    coroutines run on one event loop and check-and-claim a chat's status with no await in
+    between, so two events on one chat (a double click, a script) cannot both pass a check."""
 
     def __init__(self, config: ArenaConfig, store: Store, moderation: Moderation | None = None):
         self.config = config
@@ -115,11 +192,15 @@ class Arena:
         self.rng = random.Random()
 
     async def served_models(self) -> list[str]:
+        return list(await self.served_cards())
+
+    async def served_cards(self) -> dict[str, str | None]:
+        """The models this arena pits, each with its thinking format as its model card says it."""
         try:
-            served = [m.id async for m in self.client.models.list()]
+            cards = {m.id: (m.model_extra or {}).get("thinking") async for m in self.client.models.list()}
         except openai.OpenAIError as exc:
             raise PosttrainError(f"cannot list models at {self.config.base_url}: {exc}") from None
-        return self.selected(served)
+        return {name: cards[name] for name in self.selected(list(cards))}
 
     def selected(self, served: list[str]) -> list[str]:
         """The served models this arena pits: all of them, or the configured ones."""
@@ -131,17 +212,24 @@ class Arena:
             return list(self.config.models)
         return served
 
-    async def pick_pair(self) -> list[str]:
-        """Two different served models for a new battle."""
-        models = await self.served_models()
+    async def pick_pair(self, cards: dict[str, str | None], thinking: bool) -> list[str]:
+        """Two different served models that can both answer in this mode, for a new battle; pairs
+        are weighed by their battles in this mode, the leaderboard's split."""
+        models = [name for name, fmt in cards.items() if runs_in(fmt, thinking)]
         if len(models) < 2:
-            raise PosttrainError(f"a battle needs two models; {self.config.base_url} serves {models or 'none'}")
-        return weighted_pair(models, await asyncio.to_thread(pair_counts, self.store, BATTLE), self.rng)
+            able = "think" if thinking else "can answer without thinking"
+            raise PosttrainError(f"A battle {MODE[thinking]} needs two models that {able}; "
+                                 f"{self.config.base_url} serves {', '.join(models) or 'none'}. "
+                                 f"Turn thinking {'off' if thinking else 'on'}.")
+        counts = await asyncio.to_thread(pair_counts, self.store, BATTLE, thinking)
+        return weighted_pair(models, counts, self.rng)
 
     def refusal(self, chat: Chat, prompt: str) -> str | None:
         """Why this prompt may not be sent now, or None. Counts it against the rate limit if not."""
         if chat.status == "streaming":
             return "Wait until both replies are complete."
+        if chat.status == "voting":
+            return "Wait until your vote is saved."
         if chat.status == "failed":
             return "A reply failed: regenerate it or start a new round."
         if chat.status == "voted" and chat.mode == BATTLE:
@@ -164,30 +252,86 @@ class Arena:
         chat.sent.append(now)
         return None
 
+    async def send(self, chat: Chat, prompt: str, chosen: list[str] | None = None,
+                   thinking: bool | None = None) -> AsyncIterator[None]:
+        """A new turn: the prompt to both sides; returns the replies' `stream`. Side by side,
+        `chosen` are the user's two models. `thinking`: the mode (None: the configured default).
+        Another mode, or other models, than the round's start a new round, even if the prompt is
+        then refused. Raises PosttrainError if it may not be sent now."""
+        thinking = self.config.thinking if thinking is None else bool(thinking)
+        cards = await self.served_cards()
+        if chat.mode == SIDE_BY_SIDE:
+            self.check_picked(chosen or [], cards, thinking)
+        restart_if_changed(chat, thinking, chosen)
+        if reason := self.refusal(chat, prompt):
+            raise PosttrainError(reason)
+        before, chat.status = chat.status, "streaming"  # claimed before the next await
+        if not chat.models:
+            try:
+                chat.models = await self.pick_pair(cards, thinking)
+            except BaseException:
+                chat.status = before
+                raise
+        # .get: a battle's model no longer listed fails its reply (the API refuses it), not the send.
+        chat.formats = [cards.get(name) for name in chat.models]
+        if before == "empty":
+            chat.started_at = utcnow()
+        chat.replaced = [[], []]
+        for conv in chat.conversations:
+            conv.append({"role": "user", "content": prompt})
+        return self.stream(chat)
+
+    @staticmethod
+    def check_picked(chosen: list[str], cards: dict[str, str | None], thinking: bool) -> None:
+        """The side-by-side picks: two served models that can both answer in this mode."""
+        if len(chosen) != 2 or not all(chosen):
+            raise PosttrainError("Pick both models first.")
+        if unknown := sorted(set(chosen) - set(cards)):
+            raise PosttrainError(f"Not served: {', '.join(unknown)}.")
+        for name in dict.fromkeys(chosen):
+            if not runs_in(cards[name], thinking):
+                raise PosttrainError(f"Both models answer {MODE[thinking]}, and " +
+                                     cannot_run(name, cards[name], thinking))
+
+    async def regenerate(self, chat: Chat) -> AsyncIterator[None]:
+        """Both replies to the current turn again (returns their `stream`); the replaced ones that
+        had not failed are kept as weak rejected replies for the vote. A voted turn stays voted:
+        no second vote on it."""
+        if chat.status == "voted":
+            raise PosttrainError("You already voted on this turn." + (
+                " Start a new round." if chat.mode == BATTLE else " Keep chatting to vote on the next one."))
+        if chat.status not in ("ready", "failed"):
+            raise PosttrainError("Nothing to regenerate now.")
+        if reason := self.rate_limited(chat):
+            raise PosttrainError(reason)
+        for conv, failure, replaced in zip(chat.conversations, chat.failures, chat.replaced):
+            reply = conv.pop()
+            if not failure:
+                replaced.append(reply)  # with its trace: a pair against a reply that thought is no mode mismatch
+        return self.stream(chat)
+
     async def stream(self, chat: Chat) -> AsyncIterator[None]:
         """Generate both replies to the conversations (each ending with the user turn) at once;
-        yields whenever either reply grew. Ends with status "ready", or "failed" if a side
-        errored or the stream was abandoned."""
+        yields whenever either reply grew. Ends with status "ready", or "failed" if a side failed
+        in any way (an API error, a dropped connection, an unreadable chunk, a stream that ends
+        before the model finished) or the stream was abandoned: a reply cut short is never voted on."""
         histories = [list(conv) for conv in chat.conversations]
         replies = [{"role": "assistant", "content": ""} for _ in histories]
         for conv, reply in zip(chat.conversations, replies):
             conv.append(reply)
-        chat.status = "streaming"
+        chat.status, chat.failures = "streaming", ["", ""]
         grew: asyncio.Queue = asyncio.Queue()
-        errors: list[str] = []
+
+        def fail(side: int, why: str) -> None:
+            chat.failures[side] = why
+            replies[side]["content"] += f"\n\n[the model failed: {why}]"
 
         async def pump(side: int) -> None:
             try:
-                stream = await self.client.chat.completions.create(
-                    model=chat.models[side], messages=histories[side], stream=True,
-                    max_tokens=self.config.max_tokens, temperature=self.config.temperature)
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        replies[side]["content"] += chunk.choices[0].delta.content
-                        grew.put_nowait(side)
-            except openai.OpenAIError as exc:
-                errors.append(str(exc))
-                replies[side]["content"] += f"\n\n[the model failed: {type(exc).__name__}]"
+                if not await self.generate(chat, side, histories[side], replies[side], grew):
+                    fail(side, "the stream ended before the reply was complete")
+            except Exception as exc:  # whatever broke, this reply is not whole
+                fail(side, type(exc).__name__)  # the type only: a message could name a hidden model
             finally:
                 grew.put_nowait(None)
 
@@ -200,185 +344,81 @@ class Arena:
                     finished += grew.get_nowait() is None
                 yield
         finally:
-            for task in tasks:
-                task.cancel()
-            chat.status = "ready" if finished == len(tasks) and not errors else "failed"
+            for side, task in enumerate(tasks):
+                if not task.done():
+                    task.cancel()
+                    fail(side, "interrupted")
+            chat.status = "failed" if any(chat.failures) else "ready"
 
-    def vote(self, chat: Chat, vote: str, session_hash: str) -> int:
+    async def generate(self, chat: Chat, side: int, history: list[dict[str, Any]], reply: dict[str, Any],
+                       grew: asyncio.Queue) -> bool:
+        """Stream one side's reply into `reply` (see `add_delta`) in the round's mode; whether the
+        model finished it (a finish reason arrived)."""
+        finished = False
+        async with await self.client.chat.completions.create(
+                model=chat.models[side], messages=[{"role": m["role"], "content": m["content"]} for m in history],
+                stream=True, stream_options={"include_usage": True}, max_tokens=self.config.max_tokens,
+                temperature=self.config.temperature, extra_body=self.request_fields(chat, side)) as stream:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    if add_delta(reply, choice.delta):
+                        grew.put_nowait(side)
+                    finished = finished or choice.finish_reason is not None
+                count_reasoning(reply, chunk.usage)
+        return finished
+
+    def request_fields(self, chat: Chat, side: int) -> dict[str, Any]:
+        """The configured extra fields, plus what puts a thinking model in the round's mode (a model
+        that does not think gets none: an API other than posttrain's may refuse fields it does not know)."""
+        fields = dict(self.config.extra_body)
+        for key, value in request_body(chat.thinking, chat.formats[side]).items():
+            fields[key] = {**fields.get(key, {}), **value}  # chat_template_kwargs: merged, not replaced
+        return fields
+
+    async def vote(self, chat: Chat, vote: str, session_hash: str) -> int:
         """Store the vote (committed before this returns) and reveal the names; the battle id."""
-        if chat.status == "voted":
+        if chat.status in ("voting", "voted"):
             raise PosttrainError("You already voted on this turn.")
         if chat.status != "ready":
             raise PosttrainError("Voting opens once both replies are complete.")
-        battle = record_vote(self.store, session_hash=hashlib.sha256(session_hash.encode()).hexdigest()[:16],
-                             model_a=chat.models[0], model_b=chat.models[1], conversation_a=chat.conversations[0],
-                             conversation_b=chat.conversations[1], vote=vote, source=chat.mode,
-                             created_at=chat.started_at)
-        chat.status, chat.last_vote = "voted", vote
-        return battle.id
+        chat.status = "voting"
+        write = asyncio.create_task(asyncio.to_thread(
+            record_vote, self.store, session_hash=hashlib.sha256(session_hash.encode()).hexdigest()[:16],
+            model_a=chat.models[0], model_b=chat.models[1], conversation_a=chat.conversations[0],
+            conversation_b=chat.conversations[1], vote=vote, source=chat.mode, created_at=chat.started_at,
+            regenerated={side: replies for side, replies in zip("ab", chat.replaced) if replies} or None,
+            thinking=chat.thinking))
 
-    def leaderboard(self):
-        """(table, win-rate figure, battle-count figure) of the anonymous battles."""
-        from posttrain.ui.ratings import leaderboard, plots
+        def settle(done: asyncio.Task) -> None:
+            stored = not done.cancelled() and done.exception() is None
+            chat.status, chat.last_vote = ("voted", vote) if stored else ("ready", "")
 
-        battles = load_battles(self.store, BATTLE)
-        table = leaderboard(battles, rounds=self.config.leaderboard_rounds)
-        if table.empty:
-            return table, None, None
-        figures = plots(battles, list(table["model"]))
-        return table.round(1), figures["win_rate"], figures["battles"]
+        # The write finishes even if this event is cancelled (the user left): a stored vote must
+        # close the turn, or a retry would store it twice.
+        write.add_done_callback(settle)
+        return (await asyncio.shield(write)).id
+
+    def new_round(self, chat: Chat) -> None:
+        if chat.status in BUSY:
+            raise PosttrainError("Wait until both replies are complete.")
+        chat.reset()
+
+    def leaderboard(self, mode: str | None = None):
+        """(table, how to read it, win-rate figure, battle-count figure) of the anonymous battles,
+        those run in one mode if `mode` is "on" or "off"."""
+        thinking = mode_filter(mode)
+        board, counts = stored_leaderboard(self.store, BATTLE, rounds=self.config.leaderboard_rounds,
+                                           min_battles=self.config.min_battles, thinking=thinking)
+        if board.empty:
+            return readable(board), f"No votes yet{'' if thinking is None else ' ' + MODE[thinking]}.", None, None
+        figures = plots(counts, list(board["model"]))
+        notes = "\n\n".join(board_notes(board, self.config.min_battles))
+        return readable(board), notes, figures["win_rate"], figures["battles"]
 
 
 def first_two(models: list[str]) -> list[str | None]:
     """Default side-by-side picks: the first two models (one model against itself if alone)."""
     return [models[min(i, len(models) - 1)] if models else None for i in range(2)]
-
-
-def build_app(arena: Arena, models: list[str]) -> gr.Blocks:
-    """The web app; `models` are the side-by-side choices until a page load refreshes them."""
-    def failure(exc: PosttrainError) -> gr.Error:
-        return gr.Error(str(exc), title="Not now", print_exception=False)
-
-    def panel(mode: str, session: gr.State) -> None:
-        """The chat-and-vote panel shared by the battle and side-by-side tabs."""
-        prefix = "battle" if mode == BATTLE else "side_by_side"
-        pickers: list[gr.Dropdown] = []
-        if mode == SIDE_BY_SIDE:
-            with gr.Row():
-                pickers = [gr.Dropdown(label=f"Model {side}", choices=models, value=value, interactive=True)
-                           for side, value in zip("AB", first_two(models))]
-        with gr.Row():
-            chatbots = [gr.Chatbot(label=f"Model {side}", height=420, elem_id=f"{prefix}-chat-{side.lower()}",
-                                   buttons=["copy", "copy_all"]) for side in "AB"]
-        with gr.Row():
-            prompt = gr.Textbox(placeholder="Ask both models anything, then press Enter", show_label=False,
-                                scale=6, max_length=arena.config.max_prompt_chars, elem_id=f"{prefix}-prompt")
-            send = gr.Button("Send", variant="primary", scale=1, elem_id=f"{prefix}-send")
-        with gr.Row():
-            votes = {v: gr.Button(label[0].upper() + label[1:], interactive=False, elem_id=f"{prefix}-vote-{v}")
-                     for v, label in VOTE_LABELS.items()}
-        info = gr.Markdown(elem_id=f"{prefix}-info")
-        with gr.Row():
-            new_round = gr.Button("New round" if mode == BATTLE else "Clear", elem_id=f"{prefix}-new")
-            regenerate = gr.Button("Regenerate", interactive=False, elem_id=f"{prefix}-regenerate")
-        outputs = [*chatbots, prompt, *votes.values(), regenerate, info]
-
-        def view(chat: Chat, clear_prompt: bool = False) -> tuple:
-            names = chat.models if chat.revealed and chat.models else ["", ""]
-            labels = [f"Model {side}" + (f": {name}" if name else "") for side, name in zip("AB", names)]
-            if chat.status == "voted" and mode == BATTLE:
-                message = (f"**You voted: {VOTE_LABELS[chat.last_vote]}.** Model A was **{chat.models[0]}**, "
-                           f"model B was **{chat.models[1]}**. Start a new round to battle again.")
-            elif chat.status == "voted":
-                message = f"**Saved: {VOTE_LABELS[chat.last_vote]}.** Keep chatting to vote on the next turn."
-            else:
-                message = {"empty": "", "streaming": "Both models are answering…",
-                           "ready": "Which reply is better? Vote, or keep chatting.",
-                           "failed": "A model failed: regenerate, or start a new round."}[chat.status]
-            can_regenerate = chat.status in ("ready", "failed") or (chat.status == "voted" and mode == SIDE_BY_SIDE)
-            return (*[gr.Chatbot(value=conv, label=label) for conv, label in zip(chat.conversations, labels)],
-                    gr.Textbox(value="") if clear_prompt else gr.Textbox(),
-                    *[gr.Button(interactive=chat.status == "ready") for _ in votes],
-                    gr.Button(interactive=can_regenerate), message)
-
-        async def answer(chat: Chat):
-            async for _ in arena.stream(chat):
-                yield view(chat, clear_prompt=True)
-            yield view(chat, clear_prompt=True)
-
-        async def on_send(prompt_text: str, chats: dict[str, Chat], *chosen: str):
-            chat = chats[mode]
-            if mode == SIDE_BY_SIDE:
-                if not all(chosen):
-                    raise gr.Error("Pick both models first.", print_exception=False)
-                try:
-                    served = await arena.served_models()
-                except PosttrainError as exc:
-                    raise failure(exc) from None
-                if unknown := sorted(set(chosen) - set(served)):
-                    raise gr.Error(f"Not served: {', '.join(unknown)}.", print_exception=False)
-                if list(chosen) != chat.models:
-                    chat.reset()
-                    chat.models = list(chosen)
-            if reason := arena.refusal(chat, prompt_text):
-                raise gr.Error(reason, title="Not sent", print_exception=False)
-            if not chat.models:
-                try:
-                    chat.models = await arena.pick_pair()
-                except PosttrainError as exc:
-                    raise failure(exc) from None
-            if chat.status == "empty":
-                chat.started_at = utcnow()
-            for conv in chat.conversations:
-                conv.append({"role": "user", "content": prompt_text})
-            async for update in answer(chat):
-                yield update
-
-        async def on_regenerate(chats: dict[str, Chat]):
-            chat = chats[mode]
-            if chat.status not in ("ready", "failed", "voted") or (chat.status == "voted" and mode == BATTLE):
-                raise gr.Error("Nothing to regenerate now.", print_exception=False)
-            if reason := arena.rate_limited(chat):
-                raise gr.Error(reason, title="Not sent", print_exception=False)
-            for conv in chat.conversations:
-                conv.pop()
-            async for update in answer(chat):
-                yield update
-
-        def on_vote(vote: str):
-            def handler(chats: dict[str, Chat], request: gr.Request):
-                try:
-                    arena.vote(chats[mode], vote, request.session_hash or "")
-                except PosttrainError as exc:
-                    raise failure(exc) from None
-                return view(chats[mode])
-            return handler
-
-        def on_new_round(chats: dict[str, Chat]):
-            chat = chats[mode]
-            if chat.status == "streaming":
-                raise gr.Error("Wait until both replies are complete.", print_exception=False)
-            chat.reset()
-            return view(chat, clear_prompt=True)
-
-        send.click(on_send, [prompt, session, *pickers], outputs, api_name=f"{prefix}_send")
-        prompt.submit(on_send, [prompt, session, *pickers], outputs, api_visibility="private")
-        regenerate.click(on_regenerate, session, outputs, api_name=f"{prefix}_regenerate")
-        for v, button in votes.items():
-            button.click(on_vote(v), session, outputs, api_name=f"{prefix}_vote_{v}")
-        new_round.click(on_new_round, session, outputs, api_name=f"{prefix}_new_round")
-        for chatbot in chatbots:  # its trash icon: clearing one side's view starts over
-            chatbot.clear(on_new_round, session, outputs, api_visibility="private")
-        if pickers:
-            for picker in pickers:
-                picker.change(on_new_round, session, outputs, api_visibility="private")
-
-            async def load_choices():
-                try:
-                    served = await arena.served_models()
-                except PosttrainError as exc:
-                    raise failure(exc) from None
-                return [gr.Dropdown(choices=served, value=value) for value in first_two(served)]
-            demo.load(load_choices, None, pickers, api_visibility="private")
-
-    with gr.Blocks(title="posttrain arena", analytics_enabled=False) as demo:
-        session = gr.State(new_session)  # called once per browser session
-        gr.Markdown("# posttrain arena\nChat with two models at once and vote for the better answer. "
-                    "Votes are stored with a random session id (no IP address) and become training data.")
-        with gr.Tab("Battle", id="battle"):
-            gr.Markdown("Two anonymous models answer each prompt. Their names appear after you vote.")
-            panel(BATTLE, session)
-        with gr.Tab("Side by side", id="side-by-side"):
-            panel(SIDE_BY_SIDE, session)
-        with gr.Tab("Leaderboard", id="leaderboard") as board_tab:
-            refresh = gr.Button("Refresh", size="sm")
-            table = gr.Dataframe(label="Ratings (anonymous battles; BT with 95% bootstrap interval)",
-                                 interactive=False)
-            with gr.Row():
-                win_plot, count_plot = gr.Plot(label="Win rate"), gr.Plot(label="Battles per pair")
-        board_tab.select(arena.leaderboard, None, [table, win_plot, count_plot], api_visibility="private")
-        refresh.click(arena.leaderboard, None, [table, win_plot, count_plot], api_name="leaderboard")
-    return demo
 
 
 def serve_arena(config: ArenaConfig, host: str = "127.0.0.1", port: int = 7860, store: Store | None = None,
@@ -396,6 +436,8 @@ def serve_arena(config: ArenaConfig, host: str = "127.0.0.1", port: int = 7860, 
                              f"(start `posttrain serve`, or pass --base-url / --api-key)") from None
     models = arena.selected(served)
     print(f"posttrain arena: {len(models)} models at {config.base_url}: {', '.join(models)}", flush=True)
+    from posttrain.ui.arena_app import build_app
+
     demo = build_app(arena, models)
     # Many people stream at once; each event otherwise defaults to one at a time.
     demo.queue(default_concurrency_limit=64)
