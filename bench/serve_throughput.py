@@ -8,6 +8,7 @@ front door never shares a GIL with it; (a) and (b) alternate over several rounds
 because the machine is shared and noisy.
 
     python bench/serve_throughput.py [--requests 32] [--max-tokens 64] [--concurrency 8]
+        [--dtype default|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="alternating (b, a) rounds; best of each")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="for the engine and for transformers alike")
+    parser.add_argument("--dtype", default="default", choices=["default", "float32", "bfloat16"],
+                        help="for the engine and for transformers alike; default: the engine's own default "
+                             "for this CPU (bfloat16 with native bf16, else float32) against transformers "
+                             "in float32, its own default")
     args = parser.parse_args()
 
     from posttrain.models import pull_default
@@ -90,10 +93,13 @@ def main() -> None:
     conversations = prompts(args.requests)
     work = (conversations, args.max_tokens, args.concurrency)
     best: dict[str, float] = {}
-    with start_front_door([row.name], registry=registry, dtype=args.dtype) as door, ProcessPoolExecutor(
+    engine_dtype = None if args.dtype == "default" else args.dtype
+    baseline_dtype = "float32" if args.dtype == "default" else args.dtype
+    with start_front_door([row.name], registry=registry, dtype=engine_dtype) as door, ProcessPoolExecutor(
         1, mp_context=multiprocessing.get_context("spawn")
     ) as client:
         engine = door.engine(row.name)
+        engine_dtype = engine.dtype
         # The engine answers only with the key the front door holds.
         targets = {"b": (engine.url + "/v1", engine.secret), "a": (door.base_url, "none")}
         client.submit(load, door.base_url, row.name, conversations[:8], 8, 8).result()  # warm-up
@@ -105,13 +111,15 @@ def main() -> None:
                 print(f"round {r + 1} ({key}) {tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s",
                       flush=True)
     # (c) after the engine is gone, so transformers gets both cores as a plain server would.
-    tokens, seconds = transformers_throughput(row.path, conversations, args.max_tokens, args.concurrency, args.dtype)
+    tokens, seconds = transformers_throughput(row.path, conversations, args.max_tokens, args.concurrency,
+                                              baseline_dtype)
     best["c"] = tokens / seconds
     print(f"\n{row.name}: {args.requests} requests x {args.max_tokens} output tokens, "
-          f"{args.concurrency} concurrent, {args.dtype}")
-    print(f"(a) front door          {best['a']:8.1f} tokens/s")
-    print(f"(b) vLLM directly       {best['b']:8.1f} tokens/s")
-    print(f"(c) transformers        {best['c']:8.1f} tokens/s  (generate, batches of {args.concurrency})")
+          f"{args.concurrency} concurrent")
+    print(f"(a) front door          {best['a']:8.1f} tokens/s  ({engine_dtype})")
+    print(f"(b) vLLM directly       {best['b']:8.1f} tokens/s  ({engine_dtype})")
+    print(f"(c) transformers        {best['c']:8.1f} tokens/s  (generate, batches of {args.concurrency}, "
+          f"{baseline_dtype})")
     print(f"a/b = {best['a'] / best['b']:.3f}   (goal >= 0.95)")
     print(f"b/c = {best['b'] / best['c']:.1f}x")
 

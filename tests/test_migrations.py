@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from posttrain.errors import PosttrainError
-from posttrain.migrations import HERE, revisions, upgrade
+from posttrain.migrations import HERE, alembic_config, revisions, upgrade
 from posttrain.store import Base, Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -56,14 +56,10 @@ def test_revisions_are_one_line_numbered_like_their_files():
 
 def test_revision_0001_is_the_schema_before_migrations(tmp_path):
     from alembic import command
-    from alembic.config import Config
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'r1.db'}")
     with engine.begin() as conn:
-        config = Config()
-        config.set_main_option("script_location", str(HERE))
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0001")
+        command.upgrade(alembic_config(conn), "0001")
     assert schema(tmp_path / "r1.db") == schema(BEFORE)
 
 

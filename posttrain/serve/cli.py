@@ -90,8 +90,8 @@ def serve(
         "store's request_logs table (never API keys)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context length per engine (default 2048)."),
     dtype: Optional[str] = typer.Option(
-        None, help="Engine dtype; default float32 with the CPU build (exact answers; bfloat16 for quantized "
-             "checkpoints), auto on GPUs."),
+        None, help="Engine dtype; default with the CPU build: bfloat16 where the CPU has it in hardware (AMX, "
+             "AVX512-BF16) or the checkpoint is quantized, else float32 (exact answers); auto on GPUs."),
     thinking: Optional[List[str]] = typer.Option(
         None, "--thinking", help="NAME=on|off: a thinking model's mode when a request names none (repeatable); "
         "requests switch it with chat_template_kwargs.enable_thinking or /think, /no_think."),
