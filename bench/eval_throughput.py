@@ -14,9 +14,10 @@ the model's forward FLOPs per token (bench/roofline.py).
         [--engine-arg block-size=32]
 
 Log-likelihood tasks (posttrain_mc) score prompts only; generation tasks (posttrain_math) decode
-up to 64 tokens a sample. Both paths use fp32 (as the CPU engine serves). Each time is one whole
-`run_bench` call (tasks, tokenizer or model loading, evaluation, storing the scores); the
-engine's start-up is not counted (a served model is already up), the in-process model load is.
+up to 64 tokens a sample. Both paths use fp32 (the engine is asked for it), so that answers
+can be compared. Each time is one whole `run_bench` call (tasks, tokenizer or model loading,
+evaluation, storing the scores); the engine's start-up is not counted (a served model is
+already up), the in-process model load is.
 The in-process runs come after the engine has stopped, so transformers gets every core.
 """
 

@@ -7,6 +7,7 @@ runs in the same bench as a subprocess with the same imports, once; it prints ho
 splits between reading rows and the rating math. Both print --json, which must be identical.
 
     python bench/leaderboard.py [--battles 1000000] [--models 50] [--repeat 3] [--db PATH]
+    python bench/leaderboard.py --db-url postgresql://USER@HOST:PORT/DB   # an empty database to fill
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,8 @@ print(f"{read - start:.2f} {math - read:.2f} {done - math:.2f}", file=sys.stderr
 
 def generate(store: Store, battles: int, models: int, seed: int = 0) -> None:
     """Bulk insert through the schema's own INSERT and column types, in one transaction:
-    the ORM (or one commit per vote, as record_vote does) would take minutes."""
+    the ORM (or one commit per vote, as record_vote does) would take minutes. SQLite: one
+    executemany on the raw connection; other databases: SQLAlchemy Core in chunks."""
     extra = battles // 100
     frame, _ = synthetic(battles + extra, models, seed)
     rng = np.random.default_rng(seed + 1)
@@ -64,15 +67,24 @@ def generate(store: Store, battles: int, models: int, seed: int = 0) -> None:
     offsets = np.arange(len(frame)) * 100_000 + rng.integers(0, 2_000_000, len(frame))
     stamps = (start + offsets.astype("timedelta64[us]")).astype(datetime)
     table = Battle.__table__
+    columns = ["session_hash", "model_a", "model_b", "conversation_a", "conversation_b", "vote", "source",
+               "created_at", "voted_at"]
+    sessions = np.char.mod("s%06d", np.arange(len(frame)) % 100_000).tolist()
+    if store.engine.dialect.name != "sqlite":  # the driver's own fast path (PostgreSQL: insertmanyvalues)
+        rows = ({"session_hash": h, "model_a": a, "model_b": b, "conversation_a": CONVERSATION,
+                 "conversation_b": CONVERSATION, "vote": v, "source": src, "created_at": t, "voted_at": t}
+                for h, a, b, v, src, t in zip(sessions, frame["model_a"].tolist(), frame["model_b"].tolist(),
+                                              frame["vote"].tolist(), source.tolist(), stamps))
+        with store.engine.begin() as connection:
+            while chunk := list(islice(rows, 20_000)):
+                connection.execute(insert(table), chunk)
+        return
     dialect = store.engine.dialect
     as_text = table.c.voted_at.type.dialect_impl(dialect).bind_processor(dialect)
     conversation = table.c.conversation_a.type.dialect_impl(dialect).bind_processor(dialect)(CONVERSATION)
-    columns = ["session_hash", "model_a", "model_b", "conversation_a", "conversation_b", "vote", "source",
-               "created_at", "voted_at"]
     voted = [as_text(t) for t in stamps]
-    rows = zip(np.char.mod("s%06d", np.arange(len(frame)) % 100_000).tolist(), frame["model_a"].tolist(),
-               frame["model_b"].tolist(), [conversation] * len(frame), [conversation] * len(frame),
-               frame["vote"].tolist(), source.tolist(), voted, voted)
+    rows = zip(sessions, frame["model_a"].tolist(), frame["model_b"].tolist(), [conversation] * len(frame),
+               [conversation] * len(frame), frame["vote"].tolist(), source.tolist(), voted, voted)
     compiled = insert(table).values({c: None for c in columns}).compile(dialect=dialect)
     names = list(compiled.positiontup)
     order = [columns.index(n) for n in names]
@@ -112,26 +124,27 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3, help="Timed runs of the command (best counts).")
     parser.add_argument("--db", type=Path, help="SQLite file to reuse (generated if missing).")
+    parser.add_argument("--db-url", help="Any store URL instead, e.g. PostgreSQL's (filled if it holds no battles).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as home:
-        bench(args, Path(home), args.db or Path(home) / "store.db")
+        bench(args, Path(home), args.db_url or f"sqlite:///{args.db or Path(home) / 'store.db'}")
 
 
-def bench(args: argparse.Namespace, home: Path, db: Path) -> None:
-    store = Store(f"sqlite:///{db}")
+def bench(args: argparse.Namespace, home: Path, url: str) -> None:
+    store = Store(url)
     with store.session() as s:
         stored = s.scalar(select(func.count()).select_from(Battle))
     if not stored:
         start = time.perf_counter()
         generate(store, args.battles, args.models)
-        print(f"generated {db} in {time.perf_counter() - start:.1f} s ({db.stat().st_size / 2**20:.0f} MiB)")
+        print(f"generated {store.engine.url.render_as_string()} in {time.perf_counter() - start:.1f} s")
     with store.session() as s:
         arena = s.scalar(select(func.count()).where(Battle.source == "arena"))
         stored = s.scalar(select(func.count()).select_from(Battle))
     print(f"{stored:,} stored battles, {arena:,} of them arena votes over {args.models} models")
     store.engine.dispose()
 
-    env = {**os.environ, "POSTTRAIN_HOME": str(home), "POSTTRAIN_DB_URL": f"sqlite:///{db}"}
+    env = {**os.environ, "POSTTRAIN_HOME": str(home), "POSTTRAIN_DB_URL": url}
     command = [sys.executable, "-m", "posttrain", "arena", "leaderboard"]
     # The machine is shared: the best of a few runs, with CPU time beside the wall time.
     new = min((run(command, env) for _ in range(args.repeat)), key=lambda t: t.wall)

@@ -1,7 +1,10 @@
 """Serving throughput on the default model (SmolLM2-135M-Instruct): the same chat prompts through
 (a) posttrain's front door, (b) the vLLM engine behind it, directly, and (c) plain transformers
 `generate` in-process. Prints output tokens/s of each and the ratios a/b (the front door's
-overhead; goal >= 0.95) and b/c (what vLLM buys over a naive server).
+overhead; goal >= 0.95) and b/c (what vLLM buys over a naive server). Then greedy agreement on
+the 16 fixed prompts: the engine's tokens at its dtype against transformers' in float32, one
+prompt at a time (what bf16 costs in exactness: how many replies are identical, and how many
+tokens agree before the first difference).
 
 The load generator runs in its own process, so (a) and (b) pay the same client cost and the
 front door never shares a GIL with it; (a) and (b) alternate over several rounds (best of each)
@@ -55,6 +58,40 @@ def load(base_url: str, model: str, conversations: list, max_tokens: int, concur
     return asyncio.run(run())
 
 
+def served_greedy(url: str, api_key: str, model: str, conversations: list, max_tokens: int) -> list[list[int]]:
+    """Each reply's token ids (vLLM's `return_tokens_as_token_ids`: logprob tokens as "token_id:N")."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=api_key)
+    replies = [client.chat.completions.create(model=model, messages=m, max_tokens=max_tokens, temperature=0,
+                                              logprobs=True, extra_body={"return_tokens_as_token_ids": True})
+               for m in conversations]
+    return [[int(t.token.rsplit(":", 1)[1]) for t in r.choices[0].logprobs.content] for r in replies]
+
+
+def transformers_greedy(path: str, conversations: list, max_tokens: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    replies = []
+    for messages in conversations:  # one at a time: no padding to disturb the reference
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+        replies.append(out[0, ids["input_ids"].shape[1]:].tolist())
+    return replies
+
+
+def agreement(served: list[list[int]], reference: list[list[int]]) -> tuple[int, float]:
+    """(identical replies, mean tokens agreeing before the first difference)."""
+    prefixes = []
+    for a, b in zip(served, reference):
+        prefixes.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    return sum(a == b for a, b in zip(served, reference)), sum(prefixes) / len(prefixes)
+
+
 def transformers_throughput(path: str, conversations: list, max_tokens: int, batch: int, dtype: str) -> tuple[int, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,6 +140,8 @@ def main() -> None:
         # The engine answers only with the key the front door holds.
         targets = {"b": (engine.url + "/v1", engine.secret), "a": (door.base_url, "none")}
         client.submit(load, door.base_url, row.name, conversations[:8], 8, 8).result()  # warm-up
+        fixed = prompts(len(TOPICS))
+        served_ids = served_greedy(engine.url + "/v1", engine.secret, row.name, fixed, args.max_tokens)
         for r in range(args.rounds):
             for key in ("b", "a"):
                 url, api_key = targets[key]
@@ -114,6 +153,7 @@ def main() -> None:
     tokens, seconds = transformers_throughput(row.path, conversations, args.max_tokens, args.concurrency,
                                               baseline_dtype)
     best["c"] = tokens / seconds
+    identical, agreed = agreement(served_ids, transformers_greedy(row.path, fixed, args.max_tokens))
     print(f"\n{row.name}: {args.requests} requests x {args.max_tokens} output tokens, "
           f"{args.concurrency} concurrent")
     print(f"(a) front door          {best['a']:8.1f} tokens/s  ({engine_dtype})")
@@ -122,6 +162,9 @@ def main() -> None:
           f"{baseline_dtype})")
     print(f"a/b = {best['a'] / best['b']:.3f}   (goal >= 0.95)")
     print(f"b/c = {best['b'] / best['c']:.1f}x")
+    print(f"greedy, engine ({engine_dtype}) vs transformers (float32), {len(fixed)} fixed prompts x up to "
+          f"{args.max_tokens} tokens: {identical}/{len(fixed)} replies identical, {agreed:.1f} tokens agree "
+          f"before the first difference on average")
 
 
 if __name__ == "__main__":

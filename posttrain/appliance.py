@@ -7,9 +7,15 @@
    joined the arena since (`Registry.arena_roster`: pipelines' serve stages, promoted loop
    candidates), behind the OpenAI-compatible front door, harvesting requests,
 4. run the arena against that front door until Ctrl-C / SIGTERM, then stop everything.
+
+The front door and the arena open while the engine warms up (about a minute on a CPU): the
+arena's page loads at once, and a prompt sent before the models can answer is refused with a
+note to try again, rather than the page itself waiting a minute.
 """
 
 from __future__ import annotations
+
+import time
 
 from posttrain.models import DEFAULT_MODEL, pull_default
 from posttrain.registry import Registry
@@ -38,8 +44,9 @@ def up(host: str = "127.0.0.1", port: int = 8000, arena_port: int = 7860, api_ke
     """Provision, tune, serve and open the arena; blocks until Ctrl-C or SIGTERM. Beyond
     loopback the API needs a key (the arena, public by design, reaches it with that key)."""
     from posttrain.serve.app import api_keys_from_env, check_exposure, start_front_door, stop_on_sigterm
-    from posttrain.ui.arena import ArenaConfig, serve_arena
+    from posttrain.ui.arena import ArenaConfig, open_arena
 
+    started = time.monotonic()
     keys = list(dict.fromkeys([*api_keys, *api_keys_from_env()]))
     check_exposure(host, keys, insecure_no_auth)  # before the minutes of provisioning and tuning
     registry = registry or Registry()
@@ -47,14 +54,22 @@ def up(host: str = "127.0.0.1", port: int = 8000, arena_port: int = 7860, api_ke
     models += [name for name in registry.arena_roster() if registry.find(name) is not None]
     stop_on_sigterm()
     door = start_front_door(models, port=port, host=host, api_keys=keys, log_requests=log_requests,
-                            registry=registry, insecure_no_auth=insecure_no_auth)
+                            registry=registry, insecure_no_auth=insecure_no_auth, wait=False)
     try:
         logged = ("requests are logged for preference data (--no-log-requests turns it off)" if log_requests
                   else "requests are not logged")
         print(f"posttrain up: OpenAI API at {door.base_url} ({', '.join(door.models)}; "
               f"{'API key required' if keys else 'no API key'}; {logged})", flush=True)
-        serve_arena(ArenaConfig(base_url=door.base_url, api_key=door.api_key, requests_logged=log_requests),
-                    host=host, port=arena_port,
-                    store=registry.store)
+        arena = open_arena(ArenaConfig(base_url=door.base_url, api_key=door.api_key, requests_logged=log_requests),
+                           host=host, port=arena_port, store=registry.store)
+        try:
+            print(f"posttrain up: arena open after {time.monotonic() - started:.0f} s; "
+                  f"the models answer once the engine is ready", flush=True)
+            engines_s = door.wait_ready()
+            print(f"posttrain up: ready after {time.monotonic() - started:.0f} s "
+                  f"(the engine took {engines_s:.0f} s)", flush=True)
+            arena.block_thread()
+        finally:
+            arena.close()
     finally:
         door.stop()

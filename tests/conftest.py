@@ -28,6 +28,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # torch.compile costs every vLLM engine start ~40 s on a CPU and changes no answer; the suite
 # starts many engines, so they run eager.
 os.environ.setdefault("POSTTRAIN_ENGINE_ARGS", "--enforce-eager")
+# A user's engine computes on every core; here two workers start engines at once, and engines
+# spinning on each other's cores slow both, so every engine gets the first core (the default of
+# earlier versions on 2 cores) and the workers keep the rest.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(min(os.sched_getaffinity(0))))
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 

@@ -28,7 +28,7 @@ from gradio_client.exceptions import AppError
 from broken_door import BrokenDoor
 from posttrain.errors import PosttrainError
 from posttrain.store import Battle, Store
-from posttrain.ui.arena import Arena, ArenaConfig, load_moderation, new_session, weighted_pair
+from posttrain.ui.arena import STARTING, Arena, ArenaConfig, ServedCard, load_moderation, new_session, weighted_pair
 
 TESTS = Path(__file__).parent
 MAX_TOKENS = 64
@@ -397,6 +397,21 @@ def test_new_pairs_are_drawn_more_often_and_sides_are_random():
     pairs = Counter(frozenset(d) for d in draws)
     assert pairs[frozenset("yz")] > 0.95 * len(draws) and all(len(set(d)) == 2 for d in draws)
     assert 0.4 < sum(d[0] == "y" for d in draws if set(d) == {"y", "z"}) / pairs[frozenset("yz")] < 0.6
+
+
+def test_models_whose_cards_say_they_cannot_answer_yet_are_left_out_or_refused(tmp_path):
+    """posttrain's cards say `ready: false` while an engine starts (`posttrain up` opens the arena
+    before it is ready) or restarts; tests/test_up.py sees the real cards say so."""
+    arena = Arena(ArenaConfig(), Store(f"sqlite:///{tmp_path / 'a.db'}"))
+    warming = {"a": ServedCard(None, ready=False), "b": ServedCard(None, ready=False)}
+    with pytest.raises(PosttrainError, match=re.escape(STARTING)):
+        asyncio.run(arena.pick_pair(warming, thinking=False))
+    one_restarting = {"a": ServedCard(None), "b": ServedCard(None, ready=False), "c": ServedCard(None)}
+    assert {frozenset(asyncio.run(arena.pick_pair(one_restarting, thinking=False))) for _ in range(20)} == {
+        frozenset("ac")}
+    with pytest.raises(PosttrainError, match="b cannot answer yet"):
+        arena.check_picked(["a", "b"], one_restarting, thinking=False)
+    arena.check_picked(["a", "c"], one_restarting, thinking=False)
 
 
 def test_moderation_hooks_load_by_name():

@@ -17,8 +17,11 @@ import pytest
 from conftest import TINY_LORA
 from held_relay import HeldRelay
 
+from posttrain.errors import PosttrainError
 from posttrain.evaluate.bench import run_bench
 from posttrain.evaluate.mt_bench import run_mt_bench
+from posttrain.serve.app import start_front_door
+from posttrain.serve.upstream import Upstream
 from posttrain.store import EvalRun, RequestLog
 
 pytestmark = pytest.mark.slow
@@ -61,6 +64,26 @@ def test_bench_through_the_front_door_agrees_with_in_process(front_door, registr
     assert not any(r.request.get("echo") for r in logs)
     chat = [r for r in logs if r.endpoint == "chat"]
     assert len(chat) == 10 and chat[0].request["messages"][0]["role"] == "user"
+
+
+def test_log_likelihood_tasks_are_refused_up_front_on_a_remote_without_prompt_logprobs(registry, tiny):
+    """A remote that is not vLLM (a real HTTP server that chats but scores no prompts) is found
+    out at the front door's start; `eval bench` then refuses before a run is stored or a request sent."""
+    from broken_door import BrokenDoor
+
+    remote = BrokenDoor()
+    try:
+        with start_front_door([], registry=registry, upstreams=[Upstream(tiny.name, remote.base_url, model="whole")]) as door:
+            card = httpx.get(f"{door.base_url}/models/{tiny.name}").json()
+            assert card["capabilities"] == {"prompt_logprobs": False}
+            probes, runs = len(remote.bodies), len(registry.store.all(EvalRun))
+            with pytest.raises(PosttrainError, match=rf"{tiny.name} at {door.base_url} returns no prompt log-probs "
+                                                     rf"\(its model card says so\), which the log-likelihood task "
+                                                     rf"posttrain_mc need"):
+                run_bench(tiny.name, ["posttrain_mc"], base_url=door.base_url, registry=registry)
+            assert (len(remote.bodies), len(registry.store.all(EvalRun))) == (probes, runs)
+    finally:
+        remote.stop()
 
 
 def test_an_adapter_is_evaluated_through_the_front_door_and_with_peft_in_process(front_door, registry):

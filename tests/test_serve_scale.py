@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import openai
@@ -20,9 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from posttrain.errors import PosttrainError
 from posttrain.serve.app import start_front_door
-from posttrain.serve.engine import free_port
+from posttrain.serve.engine import Engine, check_engine_args, free_port, plan
+from posttrain.serve.recipe import ServeRecipe
 from posttrain.serve.upstream import Upstream
 from posttrain.store import RequestLog
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "serve.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +175,40 @@ def test_wrong_upstreams_engine_arguments_and_exposure_are_one_line_errors_befor
     assert (engine_log.read_text().count("\n=== ") if engine_log.exists() else 0) == starts
 
 
+def test_a_door_opened_before_its_engine_is_ready_refuses_then_reports_a_failed_start(registry, tiny):
+    """`start_front_door(wait=False)` (what `posttrain up` does, so the arena opens at once): the
+    model list answers with `ready: false` and requests get the OpenAI-shaped 503 while the
+    engine starts; an engine that dies starting (here vLLM refuses a context longer than the
+    model's) is `wait_ready()`'s one-line error, with nothing left running."""
+    with start_front_door([tiny.name], registry=registry, max_model_len=100_000, wait=False) as door:
+        client = openai.OpenAI(base_url=door.base_url, api_key="none", max_retries=0)
+        assert [(m.id, m.model_extra["ready"]) for m in client.models.list()] == [(tiny.name, False)]
+        with pytest.raises(openai.APIStatusError, match="is starting; retry shortly") as err:
+            client.chat.completions.create(model=tiny.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert err.value.status_code == 503 and err.value.response.headers["retry-after"]
+        with pytest.raises(PosttrainError, match=f"the vLLM engine for {tiny.name} exited during start-up"):
+            door.wait_ready()
+        assert not any(engine.alive() for engine in door.engines)
+        assert [m.model_extra["ready"] for m in client.models.list()] == [False]
+
+
+def test_the_serve_recipes_parallelism_becomes_engine_arguments_that_vllms_parser_accepts(registry, tiny, tmp_path):
+    """What a GPU host's recipe sets (no GPU here to run them on: vLLM's own parser is the check)."""
+    recipe = ServeRecipe.load(RECIPE, ["tensor_parallel_size=2", "pipeline_parallel_size=2", "data_parallel_size=2",
+                                       "gpu_memory_utilization=0.85", "engine_args.max_num_seqs=64",
+                                       "engine_args.enable_prefix_caching=false"])
+    assert recipe.models == ["smollm2-135m-instruct", "smollm2-135m-instruct-sft"] and recipe.replicas == 1
+    args = recipe.vllm_args()
+    assert args == ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--data-parallel-size", "2",
+                    "--gpu-memory-utilization", "0.85", "--max-num-seqs", "64", "--no-enable-prefix-caching"]
+    [spec] = plan(registry, [tiny.name])
+    check_engine_args(Engine(spec, tmp_path, engine_args=args))
+    assert ServeRecipe.load(RECIPE).vllm_args() == []  # the shipped recipe adds nothing to a one-box engine
+    typo = ServeRecipe.load(RECIPE, ["engine_args.tensr_parallel_size=2"]).vllm_args()
+    with pytest.raises(PosttrainError, match="engine argument: unrecognized arguments: --tensr-parallel-size"):
+        check_engine_args(Engine(spec, tmp_path, engine_args=typo))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--upstream", "x=ftp://host/v1"], "upstream x: 'ftp://host/v1' is not an http(s) URL"),
     (["--upstream", "x"], "expected NAME=URL"),
@@ -188,8 +226,10 @@ def test_cpu_engine_defaults_follow_the_machine(monkeypatch, tiny):
     from posttrain.serve import engine
 
     monkeypatch.setattr(engine.os, "sched_getaffinity", lambda _: {0, 1, 2, 3, 4})
-    assert [engine.cpu_binding(i, 2) for i in range(2)] == ["0,1", "2,3"]  # core 4 stays with the front door
-    assert engine.cpu_binding(2, 3) == "2" and engine.cpu_binding(5, 6) == "1"  # more engines than cores: share
+    assert engine.cpu_binding(0, 1) == "0,1,2,3,4"
+    assert [engine.cpu_binding(i, 2) for i in range(2)] == ["0,1,2", "3,4"]
+    assert [engine.cpu_binding(i, 3) for i in range(3)] == ["0,1", "2,3", "4"]
+    assert engine.cpu_binding(5, 6) == "0"  # more engines than cores: they share
     monkeypatch.setattr(engine.os, "sched_getaffinity", lambda _: {0})
     assert engine.cpu_binding(0, 1) is None
     # tiny-qwen3: 2 layers x 2 kv heads x 32 dims -> far under 1 GiB for 64 x 2048 tokens.

@@ -14,6 +14,8 @@ import time
 import httpx
 import openai
 import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 
 def free_port() -> int:
@@ -24,7 +26,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_up_serves_the_default_pair_and_the_arena_survives_a_killed_engine_then_stops_cleanly(smollm2, tmp_path):
-    """Also the crash path, on the command users run: a killed vLLM engine gives an OpenAI-shaped
+    """The arena opens while the engine warms up (a prompt meanwhile is refused, saying so).
+    Also the crash path, on the command users run: a killed vLLM engine gives an OpenAI-shaped
     503 with Retry-After, comes back by itself, and SIGTERM leaves no engine process behind."""
     import psutil
 
@@ -49,12 +52,31 @@ def test_up_serves_the_default_pair_and_the_arena_survives_a_killed_engine_then_
         return "Paris" in reply.choices[0].message.content
 
     try:
-        wait_until(lambda: f"posttrain arena: http://127.0.0.1:{arena_port}" in log.read_text(), process, log)
+        wait_until(lambda: "posttrain up: arena open after" in log.read_text(), process, log)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="none", max_retries=0)
+        assert httpx.get(f"http://127.0.0.1:{arena_port}/", timeout=10).status_code == 200
+        # The engine takes a minute, the arena seconds; should one be faster, what it answered
+        # once ready is checked below.
+        if not warmed_up(client):
+            try:
+                Client(f"http://127.0.0.1:{arena_port}/", verbose=False).predict("Hi!", api_name="/battle_send")
+            except AppError as exc:
+                assert "The models are still starting" in str(exc)
+            else:
+                assert warmed_up(client)
+        if not warmed_up(client):
+            try:
+                answers_paris("smollm2-135m-instruct")
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and exc.response.headers["retry-after"]
+                assert "is starting; retry shortly" in exc.message
+            else:
+                assert warmed_up(client)
+        wait_until(lambda: "posttrain up: ready after" in log.read_text(), process, log)
+        assert warmed_up(client)
         models = [m.id for m in client.models.list()]
         assert models[:2] == ["smollm2-135m-instruct", "smollm2-135m-instruct-sft"]
         assert all(answers_paris(model) for model in models[:2])
-        assert httpx.get(f"http://127.0.0.1:{arena_port}/", timeout=10).status_code == 200
         # Harvesting is on by default, and both the API's banner and the arena page say so.
         assert "requests are logged for preference data (--no-log-requests turns it off)" in log.read_text()
         assert "logged by the API as training data" in httpx.get(f"http://127.0.0.1:{arena_port}/config").text
@@ -74,6 +96,10 @@ def test_up_serves_the_default_pair_and_the_arena_survives_a_killed_engine_then_
     assert process.returncode == 0, log.read_text()[-3000:]
     _, alive = psutil.wait_procs(seen, timeout=10)  # they exit with `up`; the kernel may take a moment
     assert not alive, f"engine processes outlived `up`: {alive}"
+
+
+def warmed_up(client: openai.OpenAI) -> bool:
+    return all(m.model_extra["ready"] for m in client.models.list())
 
 
 def wait_until(ready, process, log, timeout: float = 900) -> None:

@@ -172,10 +172,13 @@ def _unknown_tasks_message(unknown: list[str], ours: list[str], every: list[str]
             f"truthfulqa_mc2, gsm8k, humaneval; `posttrain eval tasks` lists them all)")
 
 
-def _split_chat(manager, names: list[str], generation_as_chat: bool = False) -> dict[bool, list]:
+def _split_chat(manager, names: list[str], generation_as_chat: bool = False,
+                no_prompt_logprobs: str | None = None) -> dict[bool, list]:
     """Loaded tasks (and whole groups, where all their tasks agree) keyed by whether they go
     through the chat template: chat tasks, and with `generation_as_chat` every generation task
-    (a thinking mode reaches the model only through its chat template)."""
+    (a thinking mode reaches the model only through its chat template). `no_prompt_logprobs`
+    names a served model whose card says its server returns none: log-likelihood tasks are
+    refused before anything runs, not failed halfway through."""
     parts: dict[bool, list] = {False: [], True: []}
     for name in names:
         try:  # builds the tasks, which loads their data
@@ -188,6 +191,10 @@ def _split_chat(manager, names: list[str], generation_as_chat: bool = False) -> 
                                  f"local copy (or export HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 to download)") from None
         top = loaded["groups"].get(name) or loaded["tasks"][name]
         leaves = list(loaded["tasks"].values())
+        if no_prompt_logprobs and (scored := [t.config.task for t in leaves if t.config.output_type != "generate_until"]):
+            raise PosttrainError(f"{no_prompt_logprobs} returns no prompt log-probs (its model card says so), which "
+                                 f"the log-likelihood task{'s' * (len(scored) > 1)} {', '.join(scored)} need; run "
+                                 f"them against a vLLM server, or pick generation tasks only")
 
         def chat(task) -> bool:
             return bool((task.config.metadata or {}).get(CHAT_FLAG)) or (
@@ -304,7 +311,7 @@ def run_bench(
     row = registry.get(model)
     served = registry.served(model)
     wanted = modes(thinking, model, row.thinking)
-    backend, base_url = _checked_backend(backend, base_url, api_key, model, thinking, wanted)
+    backend, base_url, card = _checked_backend(backend, base_url, api_key, model, thinking, wanted)
     names = list(dict.fromkeys(tasks or [OFFLINE_PACK]))
 
     go_offline()
@@ -319,7 +326,9 @@ def run_bench(
             str(data_dir) if data_dir else None, "checkpoint": {"path": row.path, "created_at": str(row.created_at)},
             "thinking": thinking,
         }
-        parts = _split_chat(manager, load_names, generation_as_chat=wanted != [None])
+        no_logprobs = (f"{model} at {base_url}" if (card.get("capabilities") or {}).get("prompt_logprobs") is False
+                       else None)
+        parts = _split_chat(manager, load_names, generation_as_chat=wanted != [None], no_prompt_logprobs=no_logprobs)
         with recorded_run(registry, model, suite, config, f"lm-eval {lm_eval.__version__}") as run:
             shared = None if backend == "api" else _in_process_lm(served, backend, batch_size, device, dtype)
 
@@ -349,10 +358,10 @@ def run_bench(
 
 
 def _checked_backend(backend: Backend, base_url: str | None, api_key: str | None, model: str,
-                     thinking: str | None, wanted: list[bool | None]) -> tuple[str, str | None]:
-    """The backend `auto` stands for and the normalized base URL, refusing what cannot run
-    before any task is loaded: an unknown backend, thinking modes in-process, a server that
-    does not serve `model`."""
+                     thinking: str | None, wanted: list[bool | None]) -> tuple[str, str | None, dict[str, Any]]:
+    """The backend `auto` stands for, the normalized base URL and the model's card (through
+    the API; else {}), refusing what cannot run before any task is loaded: an unknown backend,
+    thinking modes in-process, a server that does not serve `model`."""
     if backend not in BACKENDS:
         raise PosttrainError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     if backend == "auto":
@@ -366,8 +375,8 @@ def _checked_backend(backend: Backend, base_url: str | None, api_key: str | None
         if not base_url:
             raise PosttrainError("backend 'api' needs a base URL (--base-url or POSTTRAIN_BASE_URL)")
         base_url = base_url.rstrip("/")
-        check_serves(base_url, api_key, model)
-    return backend, base_url
+        return backend, base_url, check_serves(base_url, api_key, model)[model]
+    return backend, base_url, {}
 
 
 def _evaluate_parts(parts: dict[bool, list], wanted: list[bool | None], lm_for,

@@ -56,16 +56,17 @@ def api_keys_from_env() -> list[str]:
 
 def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = (), harvest: Store | None = None,
                ready_timeout: float = 900, upstreams: list[Upstream] = (),
-               thinking: dict[str, Thinking] | None = None) -> FastAPI:
+               thinking: dict[str, Thinking] | None = None, warmup: Warmup | None = None) -> FastAPI:
     """`thinking`: how each local model thinks (see `serve.thinking`); by default as the
-    engines' registry rows say, with no default mode or budget."""
+    engines' registry rows say, with no default mode or budget. `warmup`: the engines are not
+    started yet, and start once the app runs."""
     metrics = Metrics()
     harvested = Harvest(harvest) if harvest is not None else None
     backends: list[Backend] = [*engines, *upstreams]
     relay = Relay(backends, metrics, harvested, _policies(engines) if thinking is None else thinking)
     keys = [k.encode() for k in api_keys]
 
-    app = FastAPI(title="posttrain front door", lifespan=_lifespan(engines, upstreams, ready_timeout),
+    app = FastAPI(title="posttrain front door", lifespan=_lifespan(engines, upstreams, ready_timeout, warmup),
                   docs_url=None, redoc_url=None)
     _add_error_handlers(app)
 
@@ -115,9 +116,10 @@ def create_app(engines: list[Engine], api_keys: list[str] | tuple[str, ...] = ()
     return app
 
 
-def _lifespan(engines: list[Engine], upstreams: list[Upstream], ready_timeout: float):
-    """While the app runs: one HTTP client to every backend, and a watcher per backend (local
-    engines are restarted when they die; upstreams are only marked up or down)."""
+def _lifespan(engines: list[Engine], upstreams: list[Upstream], ready_timeout: float, warmup: Warmup | None):
+    """While the app runs: one HTTP client to every backend, and watchers (local engines are
+    started first if `warmup`, then restarted whenever they die; upstreams are only marked up or
+    down)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -125,7 +127,13 @@ def _lifespan(engines: list[Engine], upstreams: list[Upstream], ready_timeout: f
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             app.state.client = client
-            watchers = [asyncio.create_task(supervise(e, client, ready_timeout)) for e in engines]
+
+            async def keep_engines_alive() -> None:
+                if warmup is not None:
+                    await warmup.run()
+                await asyncio.gather(*(supervise(e, client, ready_timeout) for e in engines))
+
+            watchers = [asyncio.create_task(keep_engines_alive())]
             watchers += [asyncio.create_task(u.watch(client)) for u in upstreams]
             try:
                 yield
@@ -158,7 +166,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _card(name: str, relay: Relay) -> ModelCard:
     thinking = relay.thinking.get(name)
-    return ModelCard(id=name, created=int(time.time()), thinking=thinking and thinking.format,
+    ready = any(b.state == "ready" and b.alive() for b in relay.routes[name])
+    return ModelCard(id=name, created=int(time.time()), thinking=thinking and thinking.format, ready=ready,
                      **relay.routes[name][0].card(name))
 
 
@@ -175,6 +184,39 @@ def _policies(engines: list[Engine], modes: dict[str, bool] | None = None,
 
 
 @dataclass
+class Warmup:
+    """Engines starting behind a front door that already answers (`start_front_door(wait=False)`):
+    meanwhile their models' cards say `ready: false` and requests to them get the OpenAI-shaped
+    503 of a restarting engine, so the arena and the model list need not wait a minute."""
+
+    engines: list[Engine]
+    timeout: float
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+    async def run(self) -> None:
+        try:
+            await start_engines(self.engines, self.timeout)
+        except PosttrainError as exc:
+            self.error = str(exc)
+            raise
+        except asyncio.CancelledError:
+            self.error = "the front door stopped before its engines were ready"
+            raise
+        finally:
+            self.done.set()
+
+    def wait(self) -> float:
+        """Block until every engine answers; the seconds since they started. Raises
+        PosttrainError if one did not start (the front door's engines are then stopped)."""
+        self.done.wait()
+        if self.error is not None:
+            raise PosttrainError(self.error)
+        return time.monotonic() - self.started
+
+
+@dataclass
 class FrontDoor:
     """A running front door (and its engines) in this process; `stop()` or `with` ends both."""
 
@@ -186,6 +228,12 @@ class FrontDoor:
     sock: socket.socket = field(repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
     upstreams: list[Upstream] = field(default_factory=list)
+    warmup: Warmup | None = field(default=None, repr=False)
+
+    def wait_ready(self) -> float:
+        """Block until the engines answer (at once if they did when this was made); the seconds
+        they took. Raises PosttrainError if one failed to start."""
+        return self.warmup.wait() if self.warmup is not None else 0.0
 
     def engine(self, model: str, replica: int | None = None) -> Engine:
         return next(e for e in self.engines if model in e.models and e.replica in (replica, None))
@@ -244,11 +292,12 @@ def _engines(registry: Registry, models: list[str], replicas: int | dict[str, in
     return engines
 
 
-async def _start_backends(engines: list[Engine], upstreams: list[Upstream], timeout: float) -> None:
+async def _start_backends(engines: list[Engine], upstreams: list[Upstream], timeout: float, wait: bool) -> None:
     async with httpx.AsyncClient() as client:
         for upstream in upstreams:  # seconds, so a wrong upstream fails before the minute-long engine start
             await upstream.check(client)
-    await start_engines(engines, timeout)
+    if wait:
+        await start_engines(engines, timeout)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -266,9 +315,9 @@ def _prepare(models: list[str], host: str, port: int, api_keys: list[str], log_r
              registry: Registry | None, max_model_len: int, dtype: str | None, ready_timeout: float,
              replicas: int | dict[str, int] = 1, engine_args: list[str] = (), upstreams: list[Upstream] = (),
              insecure_no_auth: bool = False, thinking: dict[str, bool] | None = None,
-             max_thinking_tokens: dict[str, int] | None = None) -> FrontDoor:
-    """Check everything, start the backends (blocking until they answer), bind the port, build
-    the server; on any failure nothing is left running."""
+             max_thinking_tokens: dict[str, int] | None = None, wait: bool = True) -> FrontDoor:
+    """Check everything, start the backends (blocking until they answer, or, unless `wait`,
+    once the server runs), bind the port, build the server; on any failure nothing is left running."""
     import uvicorn
 
     if not models and not upstreams:
@@ -282,27 +331,30 @@ def _prepare(models: list[str], host: str, port: int, api_keys: list[str], log_r
     served_thinking = _policies(engines, thinking, max_thinking_tokens)
     sock = _bind(host, port)  # before the slow engine start, so a taken port fails in a second
     try:
-        asyncio.run(_start_backends(engines, list(upstreams), ready_timeout))
+        asyncio.run(_start_backends(engines, list(upstreams), ready_timeout, wait))
     except BaseException:
         sock.close()
         raise
+    warmup = None if wait else Warmup(engines, ready_timeout)
     app = create_app(engines, api_keys, harvest=registry.store if log_requests else None,
-                     ready_timeout=ready_timeout, upstreams=list(upstreams), thinking=served_thinking)
+                     ready_timeout=ready_timeout, upstreams=list(upstreams), thinking=served_thinking, warmup=warmup)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return FrontDoor(base_url=f"http://{shown}:{sock.getsockname()[1]}/v1", api_key=api_keys[0] if api_keys else None,
                      models=list(dict.fromkeys([*names, *(u.name for u in upstreams)])), engines=engines,
-                     server=server, sock=sock, upstreams=list(upstreams))
+                     server=server, sock=sock, upstreams=list(upstreams), warmup=warmup)
 
 
 def start_front_door(models: list[str], port: int = 0, host: str = "127.0.0.1", api_keys: list[str] = (),
                      log_requests: bool = False, registry: Registry | None = None, max_model_len: int = 2048,
-                     dtype: str | None = None, ready_timeout: float = 900, **backends: Any) -> FrontDoor:
-    """Serve `models` from a background thread and return once requests can be answered.
+                     dtype: str | None = None, ready_timeout: float = 900, wait: bool = True,
+                     **backends: Any) -> FrontDoor:
+    """Serve `models` from a background thread and return once requests can be answered, or,
+    with `wait=False`, once the door is open while the engines start behind it (`.wait_ready()`).
     port=0 picks a free port (see `.base_url`). `backends`: `replicas`, `engine_args`,
     `upstreams`, `insecure_no_auth`, `thinking`, `max_thinking_tokens`, as for `serve`."""
     door = _prepare(models, host, port, list(api_keys), log_requests, registry, max_model_len, dtype, ready_timeout,
-                    **backends)
+                    wait=wait, **backends)
     door.thread = threading.Thread(target=door.server.run, kwargs={"sockets": [door.sock]},
                                    name="posttrain-front-door", daemon=True)
     door.thread.start()

@@ -31,6 +31,8 @@ class ModelCard(BaseModel):
     capabilities: dict[str, bool] = {}
     # How it reasons before answering: "qwen3" (switchable), "deepseek_r1" (always) or None.
     thinking: str | None = None
+    # False while its engine starts or restarts, or its remote server is down: a request gets a 503.
+    ready: bool = True
 
 
 class ModelList(BaseModel):

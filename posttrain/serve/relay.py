@@ -171,6 +171,6 @@ class Relay:
         self.metrics.requests.labels(model, endpoint, "503").inc()
         backend = (tried or self.routes[model])[0]
         state = "not responding" if backend.state == "ready" else backend.state
-        return error(503, f"{backend.label} is {state}; retry shortly" + (
-            "" if isinstance(backend, Upstream) else " (posttrain restarts it)"),
-            code="engine_unavailable", headers={"Retry-After": "5"})
+        restarted = not isinstance(backend, Upstream) and state != "starting"
+        return error(503, f"{backend.label} is {state}; retry shortly" + (" (posttrain restarts it)" if restarted else ""),
+                     code="engine_unavailable", headers={"Retry-After": "5"})

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import combinations
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import openai
 from pydantic import Field
@@ -43,6 +43,9 @@ from posttrain.store import Store, utcnow
 from posttrain.thinking import FORMATS
 from posttrain.ui.ratings import MIN_BATTLES, board_notes, plots, readable, stored_leaderboard
 from posttrain.ui.votes import mode_filter, pair_counts, record_vote
+
+if TYPE_CHECKING:  # gradio takes seconds to import; only the web app needs it
+    import gradio as gr
 
 Moderation = Callable[[str], "str | None"]
 """A moderation hook: gets the user's prompt, returns why it is refused (shown to the user), or None."""
@@ -104,6 +107,18 @@ def weighted_pair(models: list[str], counts: dict[frozenset[str], int], rng: ran
     rng.shuffle(pair)
     return pair
 
+
+@dataclass(frozen=True)
+class ServedCard:
+    """A served model as its card describes it: how it thinks (None: it does not), and whether it
+    can answer now (posttrain's cards say `ready: false` while its engine starts or restarts;
+    other APIs say nothing, so ready)."""
+
+    thinking: str | None
+    ready: bool = True
+
+
+STARTING = "The models are still starting (an engine warms up for about a minute); try again shortly."
 
 BUSY = ("streaming", "voting")  # an event is changing the chat: others must wait, not interleave
 
@@ -194,10 +209,12 @@ class Arena:
     async def served_models(self) -> list[str]:
         return list(await self.served_cards())
 
-    async def served_cards(self) -> dict[str, str | None]:
-        """The models this arena pits, each with its thinking format as its model card says it."""
+    async def served_cards(self) -> dict[str, ServedCard]:
+        """The models this arena pits, each as its model card describes it."""
         try:
-            cards = {m.id: (m.model_extra or {}).get("thinking") async for m in self.client.models.list()}
+            cards = {m.id: ServedCard((m.model_extra or {}).get("thinking"),
+                                      (m.model_extra or {}).get("ready") is not False)
+                     async for m in self.client.models.list()}
         except openai.OpenAIError as exc:
             raise PosttrainError(f"cannot list models at {self.config.base_url}: {exc}") from None
         return {name: cards[name] for name in self.selected(list(cards))}
@@ -212,10 +229,14 @@ class Arena:
             return list(self.config.models)
         return served
 
-    async def pick_pair(self, cards: dict[str, str | None], thinking: bool) -> list[str]:
-        """Two different served models that can both answer in this mode, for a new battle; pairs
-        are weighed by their battles in this mode, the leaderboard's split."""
-        models = [name for name, fmt in cards.items() if runs_in(fmt, thinking)]
+    async def pick_pair(self, cards: dict[str, ServedCard], thinking: bool) -> list[str]:
+        """Two different served models that can both answer in this mode and now, for a new
+        battle; pairs are weighed by their battles in this mode, the leaderboard's split."""
+        models = [name for name, card in cards.items() if runs_in(card.thinking, thinking)]
+        ready = [name for name in models if cards[name].ready]
+        if len(models) >= 2 > len(ready):
+            raise PosttrainError(STARTING)
+        models = ready
         if len(models) < 2:
             able = "think" if thinking else "can answer without thinking"
             raise PosttrainError(f"A battle {MODE[thinking]} needs two models that {able}; "
@@ -273,7 +294,7 @@ class Arena:
                 chat.status = before
                 raise
         # .get: a battle's model no longer listed fails its reply (the API refuses it), not the send.
-        chat.formats = [cards.get(name) for name in chat.models]
+        chat.formats = [card.thinking if (card := cards.get(name)) else None for name in chat.models]
         if before == "empty":
             chat.started_at = utcnow()
         chat.replaced = [[], []]
@@ -282,16 +303,19 @@ class Arena:
         return self.stream(chat)
 
     @staticmethod
-    def check_picked(chosen: list[str], cards: dict[str, str | None], thinking: bool) -> None:
-        """The side-by-side picks: two served models that can both answer in this mode."""
+    def check_picked(chosen: list[str], cards: dict[str, ServedCard], thinking: bool) -> None:
+        """The side-by-side picks: two served models that can both answer in this mode, and now."""
         if len(chosen) != 2 or not all(chosen):
             raise PosttrainError("Pick both models first.")
         if unknown := sorted(set(chosen) - set(cards)):
             raise PosttrainError(f"Not served: {', '.join(unknown)}.")
         for name in dict.fromkeys(chosen):
-            if not runs_in(cards[name], thinking):
+            if not runs_in(cards[name].thinking, thinking):
                 raise PosttrainError(f"Both models answer {MODE[thinking]}, and " +
-                                     cannot_run(name, cards[name], thinking))
+                                     cannot_run(name, cards[name].thinking, thinking))
+        if starting := [name for name in dict.fromkeys(chosen) if not cards[name].ready]:
+            raise PosttrainError(f"{', '.join(starting)} cannot answer yet (its engine is starting or "
+                                 f"restarting); try again shortly.")
 
     async def regenerate(self, chat: Chat) -> AsyncIterator[None]:
         """Both replies to the current turn again (returns their `stream`); the replaced ones that
@@ -330,8 +354,11 @@ class Arena:
             try:
                 if not await self.generate(chat, side, histories[side], replies[side], grew):
                     fail(side, "the stream ended before the reply was complete")
+            except openai.APIStatusError as exc:  # the status only: a message could name a hidden model
+                fail(side, f"the API answered {exc.status_code}" + ("; regenerate in a few seconds"
+                                                                      if exc.status_code in (429, 503) else ""))
             except Exception as exc:  # whatever broke, this reply is not whole
-                fail(side, type(exc).__name__)  # the type only: a message could name a hidden model
+                fail(side, type(exc).__name__)
             finally:
                 grew.put_nowait(None)
 
@@ -424,6 +451,16 @@ def first_two(models: list[str]) -> list[str | None]:
 def serve_arena(config: ArenaConfig, host: str = "127.0.0.1", port: int = 7860, store: Store | None = None,
                 moderation: Moderation | None = None) -> None:
     """Run the arena until Ctrl-C."""
+    demo = open_arena(config, host, port, store, moderation)
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()
+
+
+def open_arena(config: ArenaConfig, host: str = "127.0.0.1", port: int = 7860, store: Store | None = None,
+               moderation: Moderation | None = None) -> gr.Blocks:
+    """Start the arena's web app in the background; `.block_thread()` waits, `.close()` stops it."""
     from posttrain.registry import Registry
 
     arena = Arena(config, store or Registry().store, moderation)
@@ -447,7 +484,4 @@ def serve_arena(config: ArenaConfig, host: str = "127.0.0.1", port: int = 7860, 
     except OSError as exc:
         raise PosttrainError(f"cannot serve the arena on {host}:{port}: {exc}") from None
     print(f"posttrain arena: http://{host}:{port} (Ctrl-C stops)", flush=True)
-    try:
-        demo.block_thread()
-    finally:
-        demo.close()
+    return demo
