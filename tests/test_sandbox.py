@@ -301,7 +301,7 @@ add = "def add(a, b):\\n    return a + b\\n"
 kill = "import os, signal\\nos.kill(os.getppid(), signal.SIGSTOP)\\n" + add
 jobs = [sandbox.Job(add, "assert add(1, 2) == 3"), sandbox.Job("import os\\nos._exit(0)", "assert add(1, 2) == 3"),
         sandbox.Job(kill, "assert add(1, 2) == 3")]
-print(json.dumps({"scores": [v.score for v in sandbox.run_many(jobs, timeout_s=2.0)], "uid": os.geteuid()}))
+print(json.dumps({"scores": [v.score for v in sandbox.run_many(jobs, timeout_s=10.0)], "uid": os.geteuid()}))
 """
 
 

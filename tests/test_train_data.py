@@ -145,13 +145,15 @@ def test_code_rewards_run_tests_in_a_sandbox_without_network_or_runaways():
     listener.listen()
     port = listener.getsockname()[1]
     ok = "def add(a, b):\n    return a + b\n"
-    completions = [f"Here:\n```python\n{ok}```", "def add(a, b): return a - b", "while True: pass",
+    completions = [f"Here:\n```python\n{ok}```", "def add(a, b): return a - b",
                    "x = bytearray(3 * 1024**3)\n" + ok,
                    f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n" + ok,
                    "import os\nos.fork()\n" + ok, "def add(a, b) return"]
     tests = "assert add(1, 2) == 3\nassert add(0, 0) == 0"
-    scores = rewards.code_tests(completions, [tests] * len(completions), timeout_s=2, memory_mb=256)
-    assert scores == [1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0]
+    # Time to spare for the ones that pass (a sandboxed job runs at nice 19); the runaway gets 2 s.
+    scores = rewards.code_tests(completions, [tests] * len(completions), timeout_s=30, memory_mb=256)
+    assert scores == [1.0, 0.5, 0.0, 0.0, 1.0, 0.0]
+    assert rewards.code_tests(["while True: pass"], [tests], timeout_s=2, memory_mb=256) == [0.0]
     assert rewards.code_tests([ok], [None]) == [None]
     listener.close()
 
