@@ -8,10 +8,11 @@ read-only, a private 64 MiB tmpfs as /tmp (its working directory) and a minimal 
 no home, no repository, no model store. It has its own network (loopback only, down), PID,
 IPC, UTS and mount namespaces and a new session, an empty environment, and dies with its
 parent. Started as root, bubblewrap keeps only CAP_SETUID/SETGID for the judge (below), which
-drops the completion's process to uid 65534 and itself to 65533; started as another user, a user
-namespace maps that user to 65534. The completion's process gets rlimits on address space, CPU
-seconds, processes (its uid's count; this needs a non-root uid, hence the drop), file size and
-core dumps; the whole run has a wall-clock budget, after which the judge reports and exits
+drops the completion's process to a uid of its own for this job (drawn from CANDIDATE_UIDS, which
+no account uses) and itself to 65533; started as another user, a user namespace maps that user
+to 65534. The completion's process gets rlimits on address space, CPU seconds, processes (its
+uid's count, machine-wide: this needs a non-root uid, hence the drop, and one per job, so that a
+fork bomb in one job cannot fail the forks of the jobs beside it), file size and core dumps; the whole run has a wall-clock budget, after which the judge reports and exits
 (taking the PID namespace with it) and, failing that, the host kills bubblewrap.
 
 Verdicts. Inside the sandbox two processes: the *judge* runs the tests, the *candidate* runs the
@@ -43,6 +44,7 @@ import logging
 import marshal
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -77,6 +79,9 @@ INSTALL = ("install bubblewrap (apt-get install bubblewrap), or opt in to runnin
            "(reward param unsafe_exec: true / --unsafe-exec)")
 DOCKER = ("in Docker run the container with --cap-add SYS_ADMIN --security-opt apparmor=unconfined "
           "--security-opt seccomp=unconfined")
+# Candidate uids (as root): 2^24 of them from 2^30 up, far above any account's; drawn at random per
+# job, so that concurrent jobs, from this process or another, almost never share one.
+CANDIDATE_UIDS = range(1 << 30, (1 << 30) + (1 << 24))
 GRACE_S = 5.0  # bubblewrap and the interpreter start before the judge's own clock runs
 TMPFS_MB = 64
 
@@ -137,7 +142,8 @@ def _run(job: Job, timeout_s: float, memory_mb: int, unsafe: bool) -> Verdict:
     # Two parts: the candidate's (read before the fork) and the judge's (read after it), so that
     # the tests never enter the memory of the process that runs the completion.
     candidate = {"code": job.code, "cpu_s": math.ceil(timeout_s) + 1, "memory_mb": memory_mb, "file_mb": 16,
-                 "processes": None if unsafe else 64, "drop_uid": not unsafe and os.geteuid() == 0}
+                 "processes": None if unsafe else 64, "drop_uid": not unsafe and os.geteuid() == 0,
+                 "uid": candidate_uid()}
     stdin = b"".join(_frame(part) for part in (_HARNESS, json.dumps(candidate).encode(),
                                                 json.dumps(plan | {"timeout_s": timeout_s}).encode()))
     if unsafe:  # no process limit either: outside a sandbox it would count all of this user's processes
@@ -146,6 +152,10 @@ def _run(job: Job, timeout_s: float, memory_mb: int, unsafe: bool) -> Verdict:
     else:
         passed, error = _execute([*_bwrap(), _interpreter(), *_PYTHON_ARGS], stdin, timeout_s, "/")
     return Verdict(passed, total, error)
+
+
+def candidate_uid() -> int:
+    return secrets.choice(CANDIDATE_UIDS)
 
 
 def _frame(data: bytes) -> bytes:

@@ -17,8 +17,7 @@ import struct
 import time
 from _json import encode_basestring_ascii as quote, make_scanner  # json's C half: `import json` costs re, enum...
 
-NOBODY = 65534  # the candidate's uid when the sandbox starts as root
-JUDGE = 65533  # the judge's: not the candidate's, so the candidate cannot signal or trace it
+JUDGE = 65533  # the judge's: not the candidate's (a uid of its own per job), so the candidate cannot signal or trace it
 MAX_MESSAGE = 8 << 20
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, SIGKILL = 1, 4, 9
 
@@ -162,7 +161,7 @@ def candidate(job, requests, replies):
         if value is not None:
             resource.setrlimit(which, (value, value))
     if job["drop_uid"]:
-        drop_to(NOBODY)  # in the sandbox, the PID namespace ends with the judge: no parent-death signal needed
+        drop_to(job["uid"])  # in the sandbox, the PID namespace ends with the judge: no parent-death signal needed
     else:
         prctl(PR_SET_PDEATHSIG, SIGKILL)
     os.nice(19)  # a busy completion (a fork bomb: dozens of them) must not starve the judge or the host

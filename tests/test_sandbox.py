@@ -131,16 +131,24 @@ def test_a_timeout_keeps_the_tests_passed_before_it():
     assert (verdict.passed, verdict.total) == (1, 3) and "timed out" in verdict.error
 
 
-def test_a_fork_bomb_is_capped_and_dies_with_the_sandbox():
+def test_a_fork_bomb_is_capped_dies_with_the_sandbox_and_spares_the_jobs_beside_it(monkeypatch):
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    uid, drawn = sandbox.CANDIDATE_UIDS[12345], sandbox.candidate_uid
+    first = iter([uid])
+    monkeypatch.setattr(sandbox, "candidate_uid", lambda: next(first, None) or drawn())  # the bomb's uid, known
     before = time.monotonic()
-    assert score(bomb, timeout_s=2.0) == 0.0
-    assert time.monotonic() - before < 2.0 + sandbox.GRACE_S
-    if os.geteuid() == 0:  # then the completion ran as uid 65534 on the host too
+    with ThreadPoolExecutor(1) as pool:
+        bombing = pool.submit(score, bomb, timeout_s=3.0)
+        time.sleep(1.0)
+        if os.geteuid() == 0:  # each job's completion has a uid of its own, and so its own process limit
+            assert score("import os\nos.fork()\n" + ADD) == 1.0  # (with one uid for all this fork failed)
+        assert bombing.result() == 0.0
+    assert time.monotonic() - before < 3.0 + sandbox.GRACE_S
+    if os.geteuid() == 0:  # then the completion ran as that uid on the host too
         deadline = time.monotonic() + 10  # the kernel kills the namespace's processes: a while on a busy host
-        while _processes_of(65534) and time.monotonic() < deadline:
+        while _processes_of(uid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _processes_of(65534), "processes of the sandbox's uid survived it"
+        assert not _processes_of(uid), "processes of the sandbox's uid survived it"
 
 
 def _processes_of(uid: int) -> list[Path]:
