@@ -12,8 +12,9 @@ drops the completion's process to a uid of its own for this job (drawn from CAND
 no account uses) and itself to 65533; started as another user, a user namespace maps that user
 to 65534. The completion's process gets rlimits on address space, CPU seconds, processes (its
 uid's count, machine-wide: this needs a non-root uid, hence the drop, and one per job, so that a
-fork bomb in one job cannot fail the forks of the jobs beside it), file size and core dumps; the whole run has a wall-clock budget, after which the judge reports and exits
-(taking the PID namespace with it) and, failing that, the host kills bubblewrap.
+fork bomb in one job cannot fail the forks of the jobs beside it), file size and core dumps; the
+whole run has a wall-clock budget, after which the judge reports and exits (taking the PID
+namespace with it) and, failing that, the host kills bubblewrap.
 
 Verdicts. Inside the sandbox two processes: the *judge* runs the tests, the *candidate* runs the
 completion. The judge never executes a line of the completion: the tests call the

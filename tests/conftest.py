@@ -38,9 +38,10 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 # Under xdist each file runs whole on one worker (its module fixtures start engines once), the
 # longest files first so the workers finish together. test_up.py goes with test_train.py, after
 # it: `posttrain up` serves the tuned variant the SFT recipe test registers (alone, it trains it).
-# test_train_data.py goes with test_sandbox.py: every sandboxed completion runs as uid 65534, so
-# the fork bomb there, run beside the code-reward test's completion that forks once, used up the
-# uid's process limit and failed that fork (seen once in a full run).
+# test_train_data.py goes with test_sandbox.py: started by a non-root user, every sandboxed
+# completion counts against that user's process limit, so the fork bomb there, run beside the
+# code-reward test's completion that forks once, can fail that fork (as root each job has a uid
+# of its own; before it did, this failed a full run once).
 LONGEST_FIRST = ["test_flywheel.py", "test_train.py", "test_up.py", "test_loop.py", "test_serve_scale.py",
                  "test_serve.py", "test_thinking.py", "test_eval_judge.py", "test_arena.py", "test_harvest.py"]
 SAME_WORKER = {"tests/test_up.py": "tests/test_train.py", "tests/test_train_data.py": "tests/test_sandbox.py"}

@@ -79,7 +79,7 @@ def test_log_likelihood_tasks_are_refused_up_front_on_a_remote_without_prompt_lo
             probes, runs = len(remote.bodies), len(registry.store.all(EvalRun))
             with pytest.raises(PosttrainError, match=rf"{tiny.name} at {door.base_url} returns no prompt log-probs "
                                                      rf"\(its model card says so\), which the log-likelihood task "
-                                                     rf"posttrain_mc need"):
+                                                     rf"posttrain_mc needs; run it against a vLLM server"):
                 run_bench(tiny.name, ["posttrain_mc"], base_url=door.base_url, registry=registry)
             assert (len(remote.bodies), len(registry.store.all(EvalRun))) == (probes, runs)
     finally:

@@ -192,9 +192,11 @@ def _split_chat(manager, names: list[str], generation_as_chat: bool = False,
         top = loaded["groups"].get(name) or loaded["tasks"][name]
         leaves = list(loaded["tasks"].values())
         if no_prompt_logprobs and (scored := [t.config.task for t in leaves if t.config.output_type != "generate_until"]):
+            many = len(scored) > 1
             raise PosttrainError(f"{no_prompt_logprobs} returns no prompt log-probs (its model card says so), which "
-                                 f"the log-likelihood task{'s' * (len(scored) > 1)} {', '.join(scored)} need; run "
-                                 f"them against a vLLM server, or pick generation tasks only")
+                                 f"the log-likelihood task{'s' if many else ''} {', '.join(scored)} "
+                                 f"need{'' if many else 's'}; run {'them' if many else 'it'} against a vLLM server, "
+                                 f"or pick generation tasks only")
 
         def chat(task) -> bool:
             return bool((task.config.metadata or {}).get(CHAT_FLAG)) or (
